@@ -1,0 +1,242 @@
+"""SED's gradual-fusion decoder (the official `Aggregator`), with category early rejection.
+
+Module and parameter names follow the official code so that the checkpoint's
+`sem_seg_head.predictor.transformer.*` keys load as they are. Layouts are explicit reshapes/permutes
+(no einops, no 3-input einsum) and the class axis rides the batch axis, as in the official code.
+Only batch size 1 is supported, as in the official CER path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cer import topk_union
+from .config import SedSettings
+
+StageTimer = Callable[[str], ContextManager[object]]
+
+
+def _no_timer(_: str) -> ContextManager[object]:
+    return contextlib.nullcontext()
+
+
+class ConvNextBlock(nn.Module):
+    """FAM part 1: depthwise k x k conv -> LayerNorm (channels-last, eps 1e-6) -> MLP -> layer scale -> residual."""
+
+    def __init__(self, dim: int, kernel_size: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=kernel_size, padding=kernel_size // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.ones(dim))  # official layer_scale_init_value = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        return x + (self.gamma * y).permute(0, 3, 1, 2)
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Non-causal linear attention with the elu(x)+1 kernel, as batched matmuls.
+
+    q, k, v: (n, heads, L, d). Same arithmetic as the official einsums, including the v / S ... * S
+    rescaling (a no-op in exact arithmetic that the official code uses against fp16 overflow).
+    """
+    q = F.elu(q) + 1.0
+    k = F.elu(k) + 1.0
+    length = v.shape[2]
+    v = v / length
+    kv = torch.matmul(k.transpose(-1, -2), v)  # (n, h, d, d_v)
+    z = 1.0 / (torch.matmul(q, k.sum(dim=2, keepdim=True).transpose(-1, -2)) + eps)  # (n, h, L, 1)
+    return torch.matmul(q, kv) * z * length
+
+
+class ClassAttention(nn.Module):
+    """Multi-head linear attention across classes (official `AttentionLayer`, no text guidance, no out-proj)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, dim = x.shape
+        h = self.num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(n, length, h, dim // h).transpose(1, 2)
+
+        out = linear_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
+        return out.transpose(1, 2).reshape(n, length, dim)
+
+
+class ClassTransformerLayer(nn.Module):
+    """FAM part 2: a pre-norm transformer layer whose sequence is the class axis, one sequence per pixel.
+
+    Keeps the official double residual: the block returns x + (x + attn + mlp).
+    """
+
+    def __init__(self, dim: int, num_heads: int, pooling_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.pooling_size = tuple(pooling_size)
+        self.attention = ClassAttention(dim, num_heads)
+        self.MLP = nn.Sequential(nn.Linear(dim, dim * 4), nn.ReLU(), nn.Linear(dim * 4, dim))
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, C, H, W), classes on the batch axis."""
+        t, c, h, w = x.shape
+        pooled = self.pooling_size != (1, 1)
+        xp = F.avg_pool2d(x, self.pooling_size) if pooled else x  # eval uses (1, 1): identity, skipped
+        hp, wp = xp.shape[-2:]
+        seq = xp.permute(2, 3, 0, 1).reshape(hp * wp, t, c)  # (pixels, classes, C)
+        seq = seq + self.attention(self.norm1(seq))
+        seq = seq + self.MLP(self.norm2(seq))
+        xp = seq.reshape(hp, wp, t, c).permute(2, 3, 0, 1)
+        if pooled:
+            xp = F.interpolate(xp, size=(h, w), mode="bilinear", align_corners=True)
+        return x + xp
+
+
+class DoubleConv(nn.Module):
+    """(3x3 conv, no bias -> GroupNorm(out // 16) -> ReLU) x 2."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        groups = out_channels // 16
+        self.double_conv = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(groups, out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(groups, out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.double_conv(x)
+
+
+class Up(nn.Module):
+    """One decoder layer: FAM (ConvNeXt block + class attention), then SFM (2x up, fuse skips, DoubleConv)."""
+
+    def __init__(
+        self, in_dim: int, out_dim: int, guidance_dim: int, num_heads: int, kernel_size: int,
+        pooling_size: tuple[int, int],
+    ) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_dim, in_dim - guidance_dim, kernel_size=2, stride=2)
+        self.conv = DoubleConv(in_dim + guidance_dim, out_dim)
+        self.cnext = ConvNextBlock(in_dim, kernel_size)
+        self.attention = ClassTransformerLayer(in_dim, num_heads, pooling_size)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, corr_guidance: torch.Tensor) -> torch.Tensor:
+        """x: (T, C, H, W); skip: (1, g, 2H, 2W) per image; corr_guidance: (T, g, 2H, 2W) per class."""
+        x = self.attention(self.cnext(x))
+        x = self.up(x)
+        skip = skip.expand(x.shape[0], -1, -1, -1)
+        return self.conv(torch.cat([x, skip, corr_guidance], dim=1))
+
+
+@dataclass
+class DecoderOutput:
+    """scores: (N, 192, 192) sigmoid probabilities, 0 for rejected classes.
+    kept: the sorted original class indices alive after each CER point (None in full mode).
+    """
+
+    scores: torch.Tensor
+    kept: list[torch.Tensor] | None
+
+
+class SedDecoder(nn.Module):
+    """The official `Aggregator` for inference: cost volume -> conv1 -> three Up layers -> head."""
+
+    def __init__(self, s: SedSettings, num_templates: int) -> None:
+        super().__init__()
+        hidden = s.hidden_dims
+        d1, d2, d3 = s.decoder_dims
+        g1, g2, g3 = s.decoder_guidance_proj_dims
+        self.conv1 = nn.Conv2d(num_templates, hidden, kernel_size=7, stride=1, padding=3)
+        self.decoder_guidance_projection = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(d, p, kernel_size=3, stride=1, padding=1), nn.ReLU())
+            for d, p in zip(s.decoder_guidance_dims, s.decoder_guidance_proj_dims)
+        )
+        corr_in = (num_templates, g1, g2)  # the official hard-coded (80, 32, 16)
+        self.decoder_corr_guidance_projection = nn.ModuleList(
+            nn.Sequential(nn.ConvTranspose2d(d, p, kernel_size=2, stride=2), nn.ReLU())
+            for d, p in zip(corr_in, s.decoder_guidance_proj_dims)
+        )
+        pool = (s.pooling_sizes[0], s.pooling_sizes[1])
+        self.decoder1 = Up(hidden, d1, g1, s.num_heads, s.kernel_size[0], pool)
+        self.decoder2 = Up(d1, d2, g2, s.num_heads, s.kernel_size[1], pool)
+        self.decoder3 = Up(d2, d3, g3, s.num_heads, s.kernel_size[2], pool)
+        self.head0 = nn.Conv2d(hidden, 1, kernel_size=3, stride=1, padding=1)
+        self.head1 = nn.Conv2d(d1, 1, kernel_size=3, stride=1, padding=1)
+        self.head2 = nn.Conv2d(d2, 1, kernel_size=3, stride=1, padding=1)
+        self.head = nn.Conv2d(d3, 1, kernel_size=3, stride=1, padding=1)
+
+    @staticmethod
+    def cost_volume(dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of every pixel with every (class, template) embedding: (N, P, H, W).
+
+        dense: (1, E, H, W); text: (N, P, E). No temperature (the official multiply is commented out).
+        """
+        img = F.normalize(dense, dim=1)[0]  # (E, H, W)
+        txt = F.normalize(text, dim=-1)
+        n, p, e = txt.shape
+        _, h, w = img.shape
+        return torch.matmul(txt.reshape(n * p, e), img.reshape(e, h * w)).reshape(n, p, h, w)
+
+    def forward(
+        self,
+        dense: torch.Tensor,
+        text: torch.Tensor,
+        guidance: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        topk: int | None = None,
+        timer: StageTimer = _no_timer,
+    ) -> DecoderOutput:
+        """dense: (1, E, 24, 24); text: (N, P, E); guidance: (res4, res3, res2). topk None = full mode."""
+        if topk is not None and topk < 1:
+            raise ValueError(f"topk must be >= 1 or None, got {topk}")
+        with timer("cost_volume"):
+            corr = self.cost_volume(dense, text)
+            x = self.conv1(corr)  # (N, hidden, 24, 24)
+            skips = [proj(g) for proj, g in zip(self.decoder_guidance_projection, guidance)]
+        layers = (self.decoder1, self.decoder2, self.decoder3)
+        aux_heads = (self.head0, self.head1, self.head2)
+        corr_proj = self.decoder_corr_guidance_projection
+        num_classes = x.shape[0]
+        alive = torch.arange(num_classes, device=x.device)  # original indices of the rows of x
+        kept: list[torch.Tensor] = []
+        cg = corr  # per-class input of the next cost-guidance projection
+        for i in range(3):
+            if topk is not None:
+                with timer(f"cer{i}"):
+                    keep = topk_union(aux_heads[i](x)[:, 0], topk)
+                    if keep.numel() < x.shape[0]:
+                        x, cg, alive = x[keep], cg[keep], alive[keep]
+                    kept.append(alive)
+            with timer(f"decoder{i + 1}"):
+                # Classes are independent on the batch axis, so projecting only the survivors is exact.
+                cg = corr_proj[i](cg)
+                x = layers[i](x, skips[i], cg)
+        with timer("head"):
+            probs = torch.sigmoid(self.head(x)[:, 0])
+            if topk is None:
+                scores = probs
+            else:
+                scores = probs.new_zeros((num_classes,) + probs.shape[1:])
+                scores[alive] = probs
+        return DecoderOutput(scores=scores, kept=kept if topk is not None else None)
