@@ -50,14 +50,17 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
 
     q, k, v: (n, heads, L, d). Same arithmetic as the official einsums, including the v / S ... * S
     rescaling (a no-op in exact arithmetic that the official code uses against fp16 overflow).
+    The sums over classes run in fp32 even in a half-precision model (they reach thousands at N = 847).
     """
+    dtype = q.dtype
+    q, k, v = q.float(), k.float(), v.float()
     q = F.elu(q) + 1.0
     k = F.elu(k) + 1.0
     length = v.shape[2]
     v = v / length
     kv = torch.matmul(k.transpose(-1, -2), v)  # (n, h, d, d_v)
     z = 1.0 / (torch.matmul(q, k.sum(dim=2, keepdim=True).transpose(-1, -2)) + eps)  # (n, h, L, 1)
-    return torch.matmul(q, kv) * z * length
+    return (torch.matmul(q, kv) * z * length).to(dtype)
 
 
 class ClassAttention(nn.Module):

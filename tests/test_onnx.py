@@ -1,0 +1,139 @@
+"""The exported graphs against the torch reference: scores, kept sets, dynamic N, fp16, CER subgraph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+F = torch.nn.functional
+
+from sed_export.config import load_model_config  # noqa: E402
+from sed_export.model import build_model  # noqa: E402
+from sed_export.onnx_cer import topk_union_graph  # noqa: E402
+from sed_export.onnx_export import build_decoder_graph, build_encoder_graph, check_graph  # noqa: E402
+from sed_export.cer import topk_union  # noqa: E402
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_model(load_model_config("sed-tiny"), seed=9)
+    with torch.no_grad():  # lets the planted inputs below reject classes at later CER points too
+        m.transformer.head1.bias.zero_()
+        m.transformer.head2.bias.zero_()
+    return m
+
+
+@pytest.fixture(scope="module")
+def decoder_fp32(model):
+    g = build_decoder_graph(model, "fp32")
+    check_graph(g)
+    return _session(g)
+
+
+def _planted(model, n, seed=2):
+    """Nearly constant image map and classes with separated similarities: CER keeps a real subset."""
+    g = torch.Generator().manual_seed(seed)
+    e = model.config.embed_dim
+    d = F.normalize(torch.randn(e, generator=g), dim=0)
+    dense = d.reshape(1, e, 1, 1) + 0.05 * torch.randn(1, e, 24, 24, generator=g)
+    sims = torch.linspace(-0.9, 0.9, n)[torch.randperm(n, generator=g)]
+    o = torch.randn(n, e, generator=g)
+    o = F.normalize(o - (o @ d)[:, None] * d, dim=-1)
+    text = (sims[:, None] * d + (1 - sims[:, None] ** 2).sqrt() * o)[:, None, :]
+    text = F.normalize(text + 0.05 * torch.randn(n, 80, e, generator=g), dim=-1)
+    with torch.inference_mode():
+        feats = model.encode_image(torch.zeros(1, 3, 768, 768))._replace(dense=dense)
+    return feats, text
+
+
+def _feed(feats, text, k):
+    return {"dense": feats.dense.numpy(), "text": text.numpy(), "res4": feats.res4.numpy(),
+            "res3": feats.res3.numpy(), "res2": feats.res2.numpy(), "k": np.array([k], np.int64)}
+
+
+@pytest.mark.parametrize("n", [1, 20, 150])
+def test_decoder_graph_matches_reference(model, decoder_fp32, n):
+    feats, text = _planted(model, n)
+    kept_sizes = []
+    # k = all at N = 150 costs two full 150-class decodes on CPU; full mode is covered at N = 1 and 20.
+    for k in (1, 2, 8) if n == 150 else (1, 2, 8, None):
+        with torch.inference_mode():
+            ref = model.decode(feats, text, topk=k)
+        scores, *kept = decoder_fp32.run(None, _feed(feats, text, n if k is None else k))
+        assert scores.shape == (n, 192, 192) and scores.dtype == np.float32
+        np.testing.assert_allclose(scores, ref.scores.numpy(), atol=1e-3, rtol=0)
+        if k is None:
+            assert all(x.tolist() == list(range(n)) for x in kept)
+        else:
+            assert [x.tolist() for x in kept] == [x.tolist() for x in ref.kept]
+            kept_sizes.append([len(x) for x in kept])
+            rejected = np.setdiff1d(np.arange(n), kept[2])
+            assert np.all(scores[rejected] == 0)
+    if n == 150:
+        assert kept_sizes[0][0] < 150  # the planted case really exercises rejection
+
+
+def test_k_larger_than_n_is_the_full_model(model, decoder_fp32):
+    feats, text = _planted(model, 5)
+    full, *_ = decoder_fp32.run(None, _feed(feats, text, 5))
+    huge, *kept = decoder_fp32.run(None, _feed(feats, text, 10_000))
+    np.testing.assert_array_equal(full, huge)
+    assert all(len(x) == 5 for x in kept)
+
+
+def test_cer_subgraph_equals_topk_union():
+    from onnx import TensorProto, helper
+
+    sub = topk_union_graph("scores", "k", "keep", prefix="cer")
+    graph = helper.make_graph(
+        sub.nodes, "cer", [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["M", "H", "W"]),
+                           helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("keep", TensorProto.INT64, ["K"])], sub.initializers)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    check_graph(m)
+    assert "NonZero" not in {n.op_type for n in m.graph.node}
+    sess = _session(m)
+    rng = np.random.default_rng(0)
+    for classes, hw, k in [(1, (3, 3), 1), (7, (1, 1), 2), (50, (8, 8), 1), (50, (8, 8), 3), (847, (6, 6), 8),
+                           (10, (4, 4), 10), (10, (4, 4), 99)]:
+        scores = rng.standard_normal((classes, *hw)).astype(np.float32)
+        (keep,) = sess.run(None, {"scores": scores, "k": np.array([k], np.int64)})
+        assert keep.tolist() == topk_union(torch.from_numpy(scores), k).tolist()
+
+
+def test_encoder_graph_matches_reference(model):
+    g = build_encoder_graph(model, "fp32")
+    check_graph(g)
+    image = torch.randn(1, 3, 768, 768, generator=torch.Generator().manual_seed(0))
+    outs = _session(g).run(None, {"image": image.numpy()})
+    with torch.inference_mode():
+        ref = model.encode_image(image)
+    for a, b in zip(outs, ref):
+        np.testing.assert_allclose(a, b.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_fp16_graphs_agree_with_fp32_on_segmentation(model, decoder_fp32):
+    from sed_runtime.postprocess import segment
+
+    enc16, dec16 = _session(build_encoder_graph(model, "fp16")), _session(build_decoder_graph(model, "fp16"))
+    enc32 = _session(build_encoder_graph(model, "fp32"))
+    for graph in (enc16, dec16):
+        types = {i.type for i in graph.get_inputs()} | {o.type for o in graph.get_outputs()}
+        assert "tensor(float16)" not in types  # fp32 at the boundaries, fp16 inside
+    g = torch.Generator().manual_seed(4)
+    image = torch.randn(1, 3, 768, 768, generator=g).numpy()
+    text = F.normalize(torch.randn(20, 80, 64, generator=g), dim=-1).numpy()
+    agreements = []
+    for enc, dec in ((enc32, decoder_fp32), (enc16, dec16)):
+        dense, res4, res3, res2 = enc.run(None, {"image": image})
+        scores, *_ = dec.run(None, {"dense": dense, "text": text, "res4": res4, "res3": res3, "res2": res2,
+                                    "k": np.array([20], np.int64)})
+        agreements.append(segment(scores, (300, 400)))
+    assert (agreements[0] == agreements[1]).mean() >= 0.99
