@@ -1,0 +1,105 @@
+"""A human-readable picture of a segmentation: the image with class colours blended in, plus a legend panel.
+
+Colours come from a fixed golden-ratio palette indexed by class, so the same class index has the same colour
+in every image and every run; the legend lists only classes present, largest first, with their area.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .postprocess import class_fractions
+
+__all__ = ["palette", "render_overlay"]
+
+MAX_LEGEND_ENTRIES = 40
+_MAX_NAME_CHARS = 40
+_BG = (255, 255, 255)
+_FG = (20, 20, 20)
+
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+def palette(num: int) -> np.ndarray:
+    """(num, 3) uint8 distinct colours: hue steps by the golden ratio so neighbours in index order differ most."""
+    idx = np.arange(num)
+    hues = (idx * 0.6180339887498949 + 0.11) % 1.0
+    sats = 0.55 + 0.4 * ((idx * 0.7548776662466927) % 1.0)
+    vals = 0.75 + 0.25 * ((idx * 0.5698402909980532) % 1.0)
+    rgb = [colorsys.hsv_to_rgb(hh, ss, vv) for hh, ss, vv in zip(hues, sats, vals)]
+    return (np.asarray(rgb, dtype=np.float64).reshape(num, 3) * 255 + 0.5).astype(np.uint8)
+
+
+def _font(size: int) -> Font:
+    """Pillow's built-in font, scaled where Pillow supports it (>= 10.1), else the fixed bitmap one."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: no size argument
+        return ImageFont.load_default()
+
+
+def _label(name: str, fraction: float, font: Font) -> str:
+    if len(name) > _MAX_NAME_CHARS:
+        name = name[: _MAX_NAME_CHARS - 3] + "..."
+    text = f"{name}  {100.0 * fraction:.1f}%"
+    if not isinstance(font, ImageFont.FreeTypeFont):  # the bitmap font only encodes latin-1
+        text = text.encode("latin-1", "replace").decode("latin-1")
+    return text
+
+
+def render_overlay(
+    img_rgb_uint8: np.ndarray, seg: np.ndarray, class_names: Sequence[str], alpha: float = 0.5
+) -> Image.Image:
+    """RGB image: left, the original-size image blended with class colours; right, a legend of classes present."""
+    img = np.asarray(img_rgb_uint8)
+    seg = np.asarray(seg)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 image, got shape {img.shape} dtype {img.dtype}")
+    if seg.shape != img.shape[:2]:
+        raise ValueError(f"segmentation {seg.shape} does not match image {img.shape[:2]}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    h, w = seg.shape
+    num = max(len(class_names), int(seg.max()) + 1 if seg.size else 0, 1)
+    colours = palette(num)
+    blended = img.astype(np.float32) * (1.0 - alpha) + colours[seg].astype(np.float32) * alpha
+    left = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+    present = class_fractions(seg, num)
+    font_size = int(np.clip(round(h / 32), 12, 28))
+    font = _font(font_size)
+    shown = present[:MAX_LEGEND_ENTRIES]
+    labels = [_label(class_names[i] if i < len(class_names) else f"class {i}", f, font) for i, f in shown]
+    more = f"+ {len(present) - len(shown)} more" if len(present) > len(shown) else None
+
+    def text_w(text: str) -> int:
+        box = font.getbbox(text)
+        return int(box[2] - box[0])
+
+    top, bottom = font.getbbox("Ag|")[1::2]
+    line_h = int(bottom - top) + max(4, font_size // 3)
+    swatch = int(bottom - top)
+    pad = max(6, font_size // 2)
+    title = "classes (area)"
+    texts = [title, *labels, *([more] if more else [])]
+    panel_w = pad * 3 + swatch + max(text_w(t) for t in texts)
+    panel_h = pad * 2 + line_h * len(texts)
+
+    canvas = Image.new("RGB", (w + panel_w, max(h, panel_h)), _BG)
+    canvas.paste(Image.fromarray(left), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x0, y = w + pad, pad
+    draw.text((x0, y - top), title, fill=_FG, font=font)
+    y += line_h
+    for (i, _), label in zip(shown, labels):
+        c = tuple(int(v) for v in colours[i])
+        draw.rectangle([x0, y, x0 + swatch - 1, y + swatch - 1], fill=c, outline=_FG)
+        draw.text((x0 + swatch + pad, y - top), label, fill=_FG, font=font)
+        y += line_h
+    if more:
+        draw.text((x0 + swatch + pad, y - top), more, fill=_FG, font=font)
+    return canvas
