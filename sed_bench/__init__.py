@@ -1,0 +1,1 @@
+"""sed-bench: latency of SED backends per stage and per top-k."""

@@ -1,0 +1,50 @@
+"""Backends behind one interface (`Backend`); `make_backend` picks one from what the user passed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import SedUserError
+from .base import Backend, BackendResult, InputSpec
+
+__all__ = ["Backend", "BackendResult", "InputSpec", "make_backend", "BACKENDS"]
+
+BACKENDS = ("auto", "ort", "torch")
+
+
+def make_backend(
+    backend: str = "auto",
+    *,
+    bundle: Path | None = None,
+    model: str | Path = "sed-tiny",
+    checkpoint: Path | None = None,
+    device: str = "cpu",
+    providers: str = "cpu",
+    allow_pickle: bool = False,
+) -> Backend:
+    """auto: ONNX Runtime for a bundle, the PyTorch reference for a model name or config."""
+    if backend not in BACKENDS:
+        raise SedUserError(f"unknown --backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "ort" if bundle is not None else "torch"
+    if backend == "ort":
+        if bundle is None:
+            raise SedUserError("--backend ort runs a bundle: build one with `sed-export build` and pass its folder")
+        from .ort_backend import OrtBackend
+
+        return OrtBackend(bundle, providers=providers)
+    from .torch_backend import TorchBackend
+
+    if bundle is not None:  # the reference model the bundle was exported from
+        from ..bundle import Bundle
+
+        b = Bundle.open(bundle)
+        weights = b.manifest["weights"]
+        if weights.get("source") == "checkpoint" and checkpoint is None:
+            raise SedUserError(
+                f"bundle {b.root} was built from checkpoint {weights.get('checkpoint_name')}; "
+                "pass it with --checkpoint to run --backend torch"
+            )
+        return TorchBackend(b.manifest["model"], checkpoint, device=device, allow_pickle=allow_pickle,
+                            seed=int(weights.get("seed", 0)))
+    return TorchBackend(model, checkpoint, device=device, allow_pickle=allow_pickle)

@@ -1,0 +1,58 @@
+"""The one interface every backend (PyTorch, ONNX Runtime, TensorRT) implements.
+
+The pipeline only sees this: a backend turns one preprocessed image and a vocabulary's text embeddings into
+class scores at the decoder resolution plus the classes kept at each CER point. Pre- and post-processing
+stay in the pipeline so every backend is fed and judged the same way.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..vocab import Vocabulary
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How images must be prepared for this model (official test-time settings)."""
+
+    input_size: int
+    min_size: int
+    max_size: int
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+
+
+@dataclass
+class BackendResult:
+    """scores: (N, h, w) float32 probabilities, 0 for rejected classes; kept: sorted int32 indices per CER point."""
+
+    scores: np.ndarray
+    kept: list[np.ndarray] | None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """A model ready to run; construction loads everything, `infer` only computes."""
+
+    name: str = "abstract"
+
+    @property
+    @abstractmethod
+    def input_spec(self) -> InputSpec: ...
+
+    @abstractmethod
+    def text_embeddings(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
+        """(N, P, E) float32 unit-norm template embeddings of `vocab` (cached on disk where possible)."""
+
+    @abstractmethod
+    def infer(self, image: np.ndarray, text: np.ndarray, topk: int | None) -> BackendResult:
+        """image: (1, 3, S, S) float32 preprocessed; text: (N, P, E); topk None = every class (full model)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What ran, for reports and JSON summaries."""
+        return {"backend": self.name}

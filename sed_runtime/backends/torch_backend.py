@@ -1,0 +1,106 @@
+"""PyTorch backend: the faithful reference model itself, behind the common backend interface.
+
+This is the one runtime module that uses the export side: the PyTorch backend *is* the reference model
+(`sed_export`), imported lazily so the rest of the runtime stays torch-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import SedUserError
+from ..vocab import Vocabulary
+from .base import Backend, BackendResult, InputSpec
+
+
+class TorchBackend(Backend):
+    """Run the reference SED model with PyTorch (CPU or CUDA)."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model: str | Path | dict[str, Any] = "sed-tiny",
+        checkpoint: str | Path | None = None,
+        *,
+        device: str = "cpu",
+        allow_pickle: bool = False,
+        seed: int = 0,
+    ) -> None:
+        try:
+            import torch
+        except ImportError:
+            raise SedUserError(
+                "the torch backend needs PyTorch: pip install 'sed-deploy[export]', or use an ONNX bundle"
+            ) from None
+        from sed_export.checkpoint import load_checkpoint_into
+        from sed_export.config import load_model_config, model_config_from_dict
+        from sed_export.model import build_model
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise SedUserError(f"--device {device} asked for but no CUDA GPU is visible; use --device cpu")
+        self.config = model_config_from_dict(model) if isinstance(model, dict) else load_model_config(model)
+        self.model = build_model(self.config, seed=seed)
+        self.checkpoint_sha256: str | None = None
+        if checkpoint is not None:
+            _, self.checkpoint_sha256 = load_checkpoint_into(self.model, checkpoint, allow_pickle=allow_pickle)
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self._torch = torch
+
+    @property
+    def input_spec(self) -> InputSpec:
+        s = self.config.sed
+        return InputSpec(s.input_size, s.min_size_test, s.max_size_test, s.pixel_mean, s.pixel_std)
+
+    def text_embeddings(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
+        import open_clip
+
+        from sed_export.text import cached_text_embeddings
+
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(
+            context_length=int(self.config.clip["text_cfg"].get("context_length", 77))
+        )
+        return cached_text_embeddings(
+            self.model.clip_model, tokenizer, self.config.name, vocab, self.model.templates, progress=progress
+        )
+
+    @contextlib.contextmanager
+    def _timed(self, timings: dict[str, float], stage: str) -> Iterator[None]:
+        sync = self.device.type == "cuda"
+        if sync:
+            self._torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if sync:
+            self._torch.cuda.synchronize(self.device)
+        timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
+
+    def infer(self, image: np.ndarray, text: np.ndarray, topk: int | None) -> BackendResult:
+        torch = self._torch
+        timings: dict[str, float] = {}
+        with torch.inference_mode():
+            with self._timed(timings, "encoder"):
+                feats = self.model.encode_image(torch.from_numpy(image).to(self.device))
+            txt = torch.from_numpy(np.ascontiguousarray(text, dtype=np.float32)).to(self.device)
+            with self._timed(timings, "decoder"):
+                out = self.model.decode(feats, txt, topk=topk, timer=lambda s: self._timed(timings, s))
+            scores = out.scores.float().cpu().numpy()
+        kept = None if out.kept is None else [k.cpu().numpy().astype(np.int32) for k in out.kept]
+        return BackendResult(scores=scores, kept=kept, timings_ms=timings)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "model": self.config.name,
+            "device": str(self.device),
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "weights": "checkpoint" if self.checkpoint_sha256 else "random (no --checkpoint)",
+            "torch": self._torch.__version__,
+        }

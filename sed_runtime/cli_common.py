@@ -1,0 +1,78 @@
+"""Shared CLI plumbing: one-line errors with exit code 2, argument parsing helpers."""
+
+from __future__ import annotations
+
+import functools
+import glob
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from .errors import SedUserError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def user_errors(fn: F) -> F:
+    """Turn SedUserError into `error: <message>` on stderr and exit code 2, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SedUserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_topk(value: str) -> int | None:
+    """`--topk`: a positive integer, or `all` for the full model (no early rejection)."""
+    if value.strip().lower() == "all":
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        raise SedUserError(f"--topk must be a positive integer or 'all', got {value!r}") from None
+    if k < 1:
+        raise SedUserError(f"--topk must be >= 1 (or 'all'), got {k}")
+    return k
+
+
+def expand_images(items: list[str]) -> list[Path]:
+    """Files as given, folders as their image files (sorted), globs expanded."""
+    found: list[Path] = []
+    for item in items:
+        if any(c in item for c in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            matches = [m for m in matches if m.is_file()]
+            if not matches:
+                raise SedUserError(f"no image matches {item!r}; check the pattern")
+            found.extend(matches)
+        elif Path(item).is_dir():
+            files = sorted(p for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise SedUserError(f"folder {item} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            found.extend(files)
+        elif Path(item).is_file():
+            found.append(Path(item))
+        else:
+            raise SedUserError(f"image {item} not found; pass an existing file, folder or glob")
+    return found
+
+
+def unique_stems(paths: list[Path]) -> list[str]:
+    """Output name per image; repeated stems get a numeric suffix so nothing collides."""
+    seen: dict[str, int] = {}
+    stems = []
+    for p in paths:
+        n = seen.get(p.stem, 0)
+        seen[p.stem] = n + 1
+        stems.append(p.stem if n == 0 else f"{p.stem}-{n}")
+    return stems
