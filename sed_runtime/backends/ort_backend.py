@@ -1,0 +1,137 @@
+"""ONNX Runtime backend: runs a bundle's encoder and decoder graphs; no PyTorch anywhere.
+
+CPU by default; with onnxruntime-gpu and a visible GPU, `providers="auto"` picks the TensorRT and CUDA
+execution providers first.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import SedUserError
+from ..vocab import Vocabulary
+from .base import Backend, BackendResult, InputSpec
+
+
+def _providers(choice: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if choice == "cpu":
+        return ["CPUExecutionProvider"]
+    if choice == "auto":
+        preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+        return [p for p in preferred if p in available] + ["CPUExecutionProvider"]
+    wanted = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}.get(choice)
+    if wanted is None or wanted not in available:
+        raise SedUserError(
+            f"ONNX Runtime provider {choice!r} is not available here (have: {', '.join(available)}); "
+            "use --providers cpu or install onnxruntime-gpu"
+        )
+    return [wanted, "CPUExecutionProvider"]
+
+
+def _session(path: Path, providers: list[str], threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # ORT raises its own exception types for broken graphs
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise SedUserError(f"{path} cannot be loaded by ONNX Runtime ({first}); rebuild the bundle") from None
+
+
+class OrtBackend(Backend):
+    """Encoder + decoder graphs of a bundle in ONNX Runtime; text embeddings from the bundle or its text encoder."""
+
+    name = "ort"
+
+    def __init__(self, bundle: Bundle | str | Path, *, providers: str = "cpu", threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise SedUserError("the ort backend needs onnxruntime: pip install 'sed-deploy[onnx]'") from None
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        self.providers = _providers(providers)
+        self.threads = threads
+        self.encoder = _session(self.bundle.path("encoder"), self.providers, threads)
+        self.decoder = _session(self.bundle.path("decoder"), self.providers, threads)
+        self._text_session: Any = None
+        self._ort_version = ort.__version__
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return self.bundle.input_spec
+
+    def text_embeddings(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
+        bundled = self.bundle.bundled_embeddings()
+        if bundled is not None and bundled[0] == vocab.classes:
+            return self._checked(bundled[2], vocab)
+        from ..text_cache import TextEmbeddingCache, text_cache_key
+
+        weights = self.bundle.manifest["weights"]
+        key = text_cache_key(self.bundle.model_name, weights["text_tower_digest"], self.bundle.templates, vocab.classes)
+        cache = TextEmbeddingCache()
+        hit = cache.get(key)
+        if hit is not None:
+            return self._checked(hit, vocab)
+        from ..text_onnx import encode_vocabulary_onnx
+        from ..tokenizer import ClipTokenizer
+
+        if self._text_session is None:
+            self._text_session = _session(self.bundle.path("text_encoder"), self.providers, self.threads)
+        tokenizer = ClipTokenizer.from_file(self.bundle.root / self.bundle.manifest["tokenizer"])
+        emb = encode_vocabulary_onnx(self._text_session, tokenizer, vocab, self.bundle.templates, progress=progress)
+        try:
+            cache.put(key, emb, {"model": self.bundle.model_name, "vocabulary": vocab.name})
+        except OSError:
+            pass  # an unwritable cache only costs time next run
+        return self._checked(emb, vocab)
+
+    def _checked(self, emb: np.ndarray, vocab: Vocabulary) -> np.ndarray:
+        want = (len(vocab), len(self.bundle.templates), self.bundle.embed_dim)
+        if emb.ndim != 3 or emb.shape[1:] != want[1:]:
+            raise SedUserError(
+                f"text embeddings for {vocab.name} have shape {emb.shape}, but this {self.bundle.model_name} "
+                f"bundle needs N x {want[1]} x {want[2]}; embed the vocabulary with this bundle's model"
+            )
+        return np.ascontiguousarray(emb, dtype=np.float32)
+
+    def infer(self, image: np.ndarray, text: np.ndarray, topk: int | None) -> BackendResult:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        dense, res4, res3, res2 = self.encoder.run(None, {"image": np.ascontiguousarray(image, dtype=np.float32)})
+        timings["encoder"] = (time.perf_counter() - t0) * 1e3
+        n = text.shape[0]
+        k = n if topk is None else min(topk, n)
+        t0 = time.perf_counter()
+        scores, *kept = self.decoder.run(None, {
+            "dense": dense, "text": np.ascontiguousarray(text, dtype=np.float32), "res4": res4, "res3": res3,
+            "res2": res2, "k": np.array([k], dtype=np.int64),
+        })
+        timings["decoder"] = (time.perf_counter() - t0) * 1e3
+        return BackendResult(
+            scores=scores, kept=None if topk is None else [np.asarray(x, dtype=np.int32) for x in kept],
+            timings_ms=timings,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        w = self.bundle.manifest["weights"]
+        return {
+            "backend": self.name,
+            "model": self.bundle.model_name,
+            "bundle": str(self.bundle.root),
+            "precision": self.bundle.manifest["precision"],
+            "providers": self.providers,
+            "checkpoint_sha256": w.get("checkpoint_sha256"),
+            "weights": "checkpoint" if w.get("source") == "checkpoint" else "random (no --checkpoint)",
+            "onnxruntime": self._ort_version,
+        }
