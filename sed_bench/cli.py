@@ -27,7 +27,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 @app.command()
 @user_errors
 def main(
-    image: Annotated[Optional[Path], typer.Option(help="Image to time (default: the shipped example).")] = None,
+    image: Annotated[Path, typer.Option(help="Image to time.")] = Path("examples/images/astronaut.jpg"),
     vocab: Annotated[str, typer.Option(help="Built-in vocabulary or a .json/.txt file.")] = "voc20",
     model: Annotated[str, typer.Option(help="Built-in model or model JSON file.")] = "sed-tiny",
     checkpoint: Annotated[Optional[Path], typer.Option(help="Official checkpoint (random weights otherwise).")] = None,
@@ -40,8 +40,6 @@ def main(
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out.")] = False,
 ) -> None:
     """Time the pipeline end to end and per stage; print median ms and the kept-class counts."""
-    from importlib import resources
-
     from rich.console import Console
     from rich.table import Table
 
@@ -56,8 +54,6 @@ def main(
     if out is not None:
         refuse_overwrite([out], force)
     vocabulary = load_vocabulary(vocab)
-    if image is None:
-        image = Path(str(resources.files("sed_runtime").joinpath("data", "example.jpg")))
     img = load_image(image)
     if backend != "torch":
         raise SedUserError(f"unknown --backend {backend!r}; available: torch")
@@ -80,15 +76,18 @@ def main(
             "kept_counts": None if runs[-1].kept is None else [len(x) for x in runs[-1].kept],
             "ms": {s: _stats([r.timings_ms.get(s, 0.0) for r in runs]) for s in stages},
         })
-    table = Table(title=f"{model} / {backend} / {vocabulary.name} (N={len(vocabulary)}), median ms over {iters}")
-    table.add_column("k")
-    table.add_column("kept")
-    stage_names = [s for s in cells[0]["ms"] if s != "total"] + ["total"]
-    for s in stage_names:
-        table.add_column(s, justify="right")
+    table = Table(title=f"{model} / {backend} / {vocabulary.name} (N={len(vocabulary)}): median ms over {iters} runs")
+    table.add_column("stage")
     for c in cells:
-        kept = "-" if c["kept_counts"] is None else "/".join(map(str, c["kept_counts"]))
-        table.add_row(str(c["topk"]), kept, *[f"{c['ms'].get(s, {'median': 0})['median']:.1f}" for s in stage_names])
+        table.add_column(f"k={c['topk']}", justify="right")
+    order = ["preprocess", "encoder", "cost_volume", "cer0", "decoder1", "cer1", "decoder2", "cer2", "decoder3",
+             "head", "decoder", "postprocess", "total"]
+    stage_names = [s for s in order if any(s in c["ms"] for c in cells)]
+    stage_names += sorted({s for c in cells for s in c["ms"]} - set(stage_names))
+    for name in stage_names:
+        table.add_row(name, *[f"{c['ms'][name]['median']:.1f}" if name in c["ms"] else "-" for c in cells])
+    table.add_row("kept classes", *["-" if c["kept_counts"] is None else "/".join(map(str, c["kept_counts"]))
+                                    for c in cells])
     Console().print(table)
     if out is not None:
         report = {"machine": platform.processor() or platform.machine(), "platform": platform.platform(),
