@@ -1,100 +1,121 @@
-"""`sed-bench`: median/p90 latency per stage for each top-k, on one backend, one vocabulary, one image.
+"""`sed-bench`: the paper's Table 7 grid (vocabularies x top-k) per backend, end to end and per stage.
 
-A first cut: the Table-7 grid over vocabularies, synthetic kept counts and plots build on this.
+    sed-bench --model sed-b --backend torch,ort --vocabs ade847,pc459,ade150,pc59,voc20 \
+        --topk 1,2,4,8,all --kept paper --text synthetic --out benchmarks/results/NAME
+
+Writes report.md (Table 7 layout, the paper's A6000 numbers beside ours), cells.csv, results.json and
+latency_vs_k.png into --out. Without the official checkpoint CER keeps almost every class, so use
+`--kept paper` (or explicit counts) for a SYNTHETIC latency-versus-k; with `--checkpoint` and your own
+images the kept counts are measured. Heavy imports happen inside the command, so `--help` is instant.
 """
 
 from __future__ import annotations
 
-import json
-import platform
+import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from sed_runtime.cli_common import parse_topk, user_errors
+from sed_runtime.cli_common import user_errors
 
-app = typer.Typer(help="Benchmark SED latency per stage and per top-k.", add_completion=False)
+app = typer.Typer(help="Benchmark SED latency per stage over vocabularies x top-k (the paper's Table 7 grid).",
+                  add_completion=False)
 
-
-def _stats(values: list[float]) -> dict[str, float]:
-    import numpy as np
-
-    a = np.asarray(values, dtype=np.float64)
-    return {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "min": float(a.min())}
+DEFAULT_IMAGE = Path(__file__).resolve().parents[1] / "examples" / "images" / "astronaut.jpg"
 
 
 @app.command()
 @user_errors
 def main(
-    image: Annotated[Path, typer.Option(help="Image to time.")] = Path("examples/images/astronaut.jpg"),
-    vocab: Annotated[str, typer.Option(help="Built-in vocabulary or a .json/.txt file.")] = "voc20",
-    model: Annotated[str, typer.Option(help="Built-in model or model JSON file.")] = "sed-tiny",
+    bundle: Annotated[Optional[Path], typer.Argument(
+        help="Bundle folder from `sed-export build` (ort runs it; torch runs the model it was built from).")] = None,
+    model: Annotated[str, typer.Option(help="Built-in model or model JSON file (without a bundle).")] = "sed-tiny",
     checkpoint: Annotated[Optional[Path], typer.Option(help="Official checkpoint (random weights otherwise).")] = None,
-    topk: Annotated[str, typer.Option(help="Comma-separated k values, 'all' for the full model.")] = "1,8,all",
-    backend: Annotated[str, typer.Option(help="Backend to time.")] = "torch",
-    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
-    warmup: Annotated[int, typer.Option(min=0)] = 1,
-    iters: Annotated[int, typer.Option(min=1)] = 3,
-    out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite --out.")] = False,
+    backend: Annotated[str, typer.Option(help="torch, ort or both: torch,ort (trt: not yet).")] = "torch",
+    vocabs: Annotated[str, typer.Option(help="Comma-separated built-in names or class-list files.")] = "voc20",
+    topk: Annotated[str, typer.Option(help="Comma-separated k values; 'all' = every class, no CER.")] = "1,2,4,8,all",
+    images: Annotated[Optional[str], typer.Option(help="Image file, folder or glob (default: the shipped example).")] = None,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed calls per cell.")] = 1,
+    iters: Annotated[int, typer.Option(min=1, help="Timed passes over the images per cell.")] = 3,
+    kept: Annotated[Optional[str], typer.Option(
+        help="SYNTHETIC mode: force the kept counts, 'CER0,CER1,CER2' or 'paper' (implied by Table 7).")] = None,
+    text: Annotated[str, typer.Option(help="real (text tower / cache) or synthetic (random unit vectors).")] = "real",
+    device: Annotated[str, typer.Option(help="Torch device: cpu or cuda[:i].")] = "cpu",
+    providers: Annotated[str, typer.Option(help="ONNX Runtime providers: cpu, cuda, tensorrt or auto.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32 or fp16 graphs for --backend ort without a bundle.")] = "fp32",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for torch and ORT (default: theirs).")] = None,
+    profile_runs: Annotated[int, typer.Option(min=0, help="Extra profiled ORT calls per cell for its stage split.")] = 1,
+    max_rss_gb: Annotated[Optional[float], typer.Option(
+        help="Skip cells whose peak RSS, extrapolated from the cells measured before, would exceed this.")] = None,
+    work: Annotated[Path, typer.Option(help="Cache folder for ONNX graphs exported for --backend ort.")] = Path(
+        "engines/bench"),
+    out: Annotated[Optional[Path], typer.Option(help="Report folder (report.md, cells.csv, results.json, png).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Write into an existing --out.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled checkpoints (trusted only).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar over the grid.")] = True,
 ) -> None:
-    """Time the pipeline end to end and per stage; print median ms and the kept-class counts."""
-    from rich.console import Console
-    from rich.table import Table
-
+    """Time every (vocabulary, k) cell on each backend: median/p90 ms per stage, kept counts, peak memory."""
+    from sed_runtime.cli_common import expand_images
     from sed_runtime.errors import SedUserError
-    from sed_runtime.outputs import refuse_overwrite
-    from sed_runtime.preprocess import load_image
-    from sed_runtime.vocab import load_vocabulary
 
-    ks = [parse_topk(v) for v in topk.split(",") if v.strip()]
-    if not ks:
-        raise SedUserError("--topk needs at least one value, e.g. 1,8,all")
-    if out is not None:
-        refuse_overwrite([out], force)
-    vocabulary = load_vocabulary(vocab)
-    img = load_image(image)
-    if backend != "torch":
-        raise SedUserError(f"unknown --backend {backend!r}; available: torch")
-    from sed_runtime.backends.torch_backend import TorchBackend
-    from sed_runtime.pipeline import SedPipeline
+    from .grid import build_grid, parse_backends, parse_kept, parse_topks, parse_vocabs
 
-    engine = TorchBackend(model, checkpoint, device=device)
-    pipe = SedPipeline(engine, vocabulary, topk=ks[0], progress=False)
-    cells: list[dict[str, Any]] = []
-    for k in ks:
-        pipe.topk = k
-        runs = []
-        for i in range(warmup + iters):
-            r = pipe(img)
-            if i >= warmup:
-                runs.append(r)
-        stages = sorted({s for r in runs for s in r.timings_ms if s != "text_embeddings_once"})
-        cells.append({
-            "topk": "all" if k is None else k,
-            "kept_counts": None if runs[-1].kept is None else [len(x) for x in runs[-1].kept],
-            "ms": {s: _stats([r.timings_ms.get(s, 0.0) for r in runs]) for s in stages},
-        })
-    table = Table(title=f"{model} / {backend} / {vocabulary.name} (N={len(vocabulary)}): median ms over {iters} runs")
-    table.add_column("stage")
-    for c in cells:
-        table.add_column(f"k={c['topk']}", justify="right")
-    order = ["preprocess", "encoder", "cost_volume", "cer0", "decoder1", "cer1", "decoder2", "cer2", "decoder3",
-             "head", "decoder", "postprocess", "total"]
-    stage_names = [s for s in order if any(s in c["ms"] for c in cells)]
-    stage_names += sorted({s for c in cells for s in c["ms"]} - set(stage_names))
-    for name in stage_names:
-        table.add_row(name, *[f"{c['ms'][name]['median']:.1f}" if name in c["ms"] else "-" for c in cells])
-    table.add_row("kept classes", *["-" if c["kept_counts"] is None else "/".join(map(str, c["kept_counts"]))
-                                    for c in cells])
-    Console().print(table)
+    backends = parse_backends(backend)
+    ks = parse_topks(topk)
+    kept_spec = parse_kept(kept)
+    if text not in ("real", "synthetic"):
+        raise SedUserError(f"--text must be 'real' or 'synthetic', got {text!r}")
+    if precision not in ("fp32", "fp16"):
+        raise SedUserError(f"--precision must be fp32 or fp16, got {precision!r}")
+    if kept_spec is not None and all(k is None for k in ks):
+        raise SedUserError("--kept forces the CER points, but --topk all has none; add k values, e.g. --topk 1,8,all")
+    vocab_list = parse_vocabs(vocabs)
+    cells = build_grid(vocab_list, ks, kept_spec)
+    image_paths = expand_images([images] if images else [str(DEFAULT_IMAGE)])
+    if checkpoint is not None and not checkpoint.is_file():
+        raise SedUserError(f"checkpoint {checkpoint} not found; pass the official .pth/.safetensors file")
+    if bundle is not None and not bundle.exists():
+        raise SedUserError(f"bundle {bundle} not found; build one with `sed-export build` or drop the argument")
+    if out is not None and out.exists() and not force:
+        raise SedUserError(f"{out} already exists; pass --force to overwrite or choose another --out")
+    if out is not None and out.exists() and not out.is_dir():
+        raise SedUserError(f"--out {out} is a file; give a folder for the reports")
+
+    from .report import console_summary, finalize, write_reports
+    from .runner import BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        backends=backends, vocabs=vocab_list, cells=cells, images=image_paths, model=model, checkpoint=checkpoint,
+        bundle=bundle, text=text, kept_spec=kept_spec, warmup=warmup, iters=iters, device=device,
+        providers=providers, precision=precision, threads=threads, profile_runs=profile_runs,
+        max_rss_gb=max_rss_gb, work=work, allow_pickle=allow_pickle,
+    )
+    argv = ["sed-bench"] + ([str(bundle)] if bundle else []) + (["--model", model] if bundle is None else [])
+    opts = {"--checkpoint": checkpoint, "--backend": ",".join(backends), "--vocabs": vocabs, "--topk": topk,
+            "--images": images, "--warmup": warmup, "--iters": iters, "--kept": kept, "--text": text,
+            "--device": device if "torch" in backends else None,
+            "--providers": providers if "ort" in backends else None,
+            "--precision": precision if "ort" in backends and bundle is None else None, "--threads": threads,
+            "--max-rss-gb": max_rss_gb, "--out": out}
+    for flag, value in opts.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    cfg.argv = argv
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    results = run_bench(cfg, log=log, progress=progress)
     if out is not None:
-        report = {"machine": platform.processor() or platform.machine(), "platform": platform.platform(),
-                  "model": model, "vocabulary": vocabulary.name, "num_classes": len(vocabulary),
-                  "image": str(image), "warmup": warmup, "iters": iters, **engine.describe(), "cells": cells}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        written = write_reports(results, out)
+        for line in console_summary(results):
+            print(line)
+        print("reports: " + ", ".join(str(p) for p in written.values()))
+    else:
+        finalize(results)
+        for line in console_summary(results):
+            print(line)
 
 
 if __name__ == "__main__":

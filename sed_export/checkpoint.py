@@ -44,8 +44,10 @@ class KeyReport:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"{title}: {self.matched} matched, {len(self.missing)} missing, "
-                      f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape-mismatched")
+        table = Table(
+            title=f"{title}: {self.matched} matched, {len(self.missing)} missing, "
+            f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape-mismatched"
+        )
         table.add_column("status")
         table.add_column("key", overflow="fold")
         table.add_column("checkpoint shape")
@@ -125,9 +127,7 @@ def guess_family(state: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def load_checkpoint_into(
-    model: SedModel, path: str | Path, allow_pickle: bool = False
-) -> tuple[KeyReport, str]:
+def load_checkpoint_into(model: SedModel, path: str | Path, allow_pickle: bool = False) -> tuple[KeyReport, str]:
     """Load an official checkpoint into `model`; refuse one that does not fit. Returns (report, sha256)."""
     state = read_checkpoint(path, allow_pickle=allow_pickle)
     report = compare_keys(model, state)

@@ -9,8 +9,9 @@ import typer
 
 from sed_runtime.cli_common import user_errors
 
-app = typer.Typer(help="Export SED models: configs, checkpoints, text embeddings.", no_args_is_help=True,
-                  add_completion=False)
+app = typer.Typer(
+    help="Export SED models: configs, checkpoints, text embeddings.", no_args_is_help=True, add_completion=False
+)
 
 
 @app.command()
@@ -28,7 +29,9 @@ def models() -> None:
 def keys(
     checkpoint: Annotated[Path, typer.Argument(help="Official SED .pth (or .safetensors) checkpoint.")],
     model: Annotated[str, typer.Option(help="Built-in model name or model JSON file.")] = "sed-b",
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled objects (trusted files only).")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Allow pickled objects (trusted files only).")
+    ] = False,
 ) -> None:
     """Compare a checkpoint's keys and shapes with a model: missing, unexpected and mismatched keys in one table."""
     from .checkpoint import compare_keys, guess_family, read_checkpoint
@@ -71,8 +74,12 @@ def embed_text(
 @app.command()
 @user_errors
 def build(
-    vocab: Annotated[Optional[str], typer.Option(help="Vocabulary to embed into the bundle (built-in or file).")] = None,
-    classes: Annotated[Optional[str], typer.Option(help="Inline classes instead of --vocab: 'cat; dog, puppy'.")] = None,
+    vocab: Annotated[
+        Optional[str], typer.Option(help="Vocabulary to embed into the bundle (built-in or file).")
+    ] = None,
+    classes: Annotated[
+        Optional[str], typer.Option(help="Inline classes instead of --vocab: 'cat; dog, puppy'.")
+    ] = None,
     model: Annotated[str, typer.Option(help="Built-in model name or model JSON file.")] = "sed-tiny",
     checkpoint: Annotated[Optional[Path], typer.Option(help="Official checkpoint (random weights otherwise).")] = None,
     precision: Annotated[str, typer.Option(help="fp32 or fp16 (norms and CER ranking stay fp32).")] = "fp32",
@@ -99,8 +106,16 @@ def build(
     vocabulary = load_vocabulary(vocab, classes=classes)
     config = load_model_config(model)
     target = out or Path("engines") / f"{config.name}-{precision}"
-    build_bundle(model, vocabulary, target, checkpoint=checkpoint, precision=precision, force=force,
-                 allow_pickle=allow_pickle, progress=progress)
+    build_bundle(
+        model,
+        vocabulary,
+        target,
+        checkpoint=checkpoint,
+        precision=precision,
+        force=force,
+        allow_pickle=allow_pickle,
+        progress=progress,
+    )
     print(f"bundle written to {target}")
 
 
@@ -118,8 +133,9 @@ def check(
     """Run the torch reference and the ONNX bundle on one image; exit 1 if they disagree beyond tolerance."""
     from .parity import compare_bundle
 
-    report = compare_bundle(bundle, image, vocab=vocab, classes=classes, topk=topk, checkpoint=checkpoint,
-                            allow_pickle=allow_pickle)
+    report = compare_bundle(
+        bundle, image, vocab=vocab, classes=classes, topk=topk, checkpoint=checkpoint, allow_pickle=allow_pickle
+    )
     for line in report.lines():
         print(line)
     if not report.passed:

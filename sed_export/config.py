@@ -79,6 +79,14 @@ def builtin_models() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
+def _fits(value: Any, kind: type) -> bool:
+    """Is `value` a JSON scalar of `kind` (ints must be whole numbers; bools are not numbers)?"""
+    if kind is str:
+        return isinstance(value, str)
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return numeric and (kind is float or float(value).is_integer())
+
+
 def _parse_sed(raw: Any, where: str) -> SedSettings:
     if not isinstance(raw, dict):
         raise SedUserError(f"{where}: 'sed' must be an object with keys {', '.join(_SED_FIELDS)}")
@@ -94,16 +102,12 @@ def _parse_sed(raw: Any, where: str) -> SedSettings:
     values: dict[str, Any] = {}
     for key, (kind, length) in _SED_FIELDS.items():
         v = raw[key]
-        ok_scalar = (lambda x: isinstance(x, str)) if kind is str else (
-            lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
-            and (kind is float or float(x).is_integer())
-        )
         if length is None:
-            if not ok_scalar(v):
+            if not _fits(v, kind):
                 raise SedUserError(f"{where}: sed.{key} must be a {kind.__name__}, got {v!r}")
             values[key] = kind(v)
         else:
-            if not (isinstance(v, list) and len(v) == length and all(ok_scalar(x) for x in v)):
+            if not (isinstance(v, list) and len(v) == length and all(_fits(x, kind) for x in v)):
                 raise SedUserError(f"{where}: sed.{key} must be a list of {length} {kind.__name__}s, got {v!r}")
             values[key] = tuple(kind(x) for x in v)
     s = SedSettings(**values)
@@ -122,9 +126,7 @@ def _parse_sed(raw: Any, where: str) -> SedSettings:
 
 def _parse_clip(raw: Any, where: str) -> dict[str, Any]:
     if not isinstance(raw, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(raw):
-        raise SedUserError(
-            f"{where}: 'clip' must be an open_clip model config with embed_dim, vision_cfg and text_cfg"
-        )
+        raise SedUserError(f"{where}: 'clip' must be an open_clip model config with embed_dim, vision_cfg and text_cfg")
     vision = raw["vision_cfg"]
     if not isinstance(vision, dict) or "timm_model_name" not in vision:
         raise SedUserError(f"{where}: clip.vision_cfg must name a timm ConvNeXt trunk (timm_model_name)")

@@ -53,8 +53,9 @@ def encode_image_dense(clip_model: nn.Module, image: torch.Tensor) -> ImageFeatu
     res2, res3, res4, res5 = feats
     x = trunk.norm_pre(res5)
     norm = trunk.head.norm
-    y = F.layer_norm(x.permute(0, 2, 3, 1).float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(),
-                     norm.eps).to(x.dtype)  # fp32 even in a half-precision export
+    y = F.layer_norm(
+        x.permute(0, 2, 3, 1).float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps
+    ).to(x.dtype)  # fp32 even in a half-precision export
     y = visual.head(y)  # Linear / Mlp act on the last (channel) axis
     dense = y.permute(0, 3, 1, 2)
     return ImageFeatures(dense=dense, res4=res4, res3=res3, res2=res2)

@@ -46,24 +46,43 @@ def topk_union_graph(scores: str, k: str, keep: str, prefix: str) -> SubGraph:
         return f"{p}/{name}"
 
     g.node("Shape", [scores], [t("shape")], t("Shape"))
-    g.node("Slice", [t("shape"), g.const(t("zero"), np.array([0], np.int64)), g.const(t("one"), np.array([1], np.int64))],
-           [t("m")], t("SliceM"))
+    g.node(
+        "Slice",
+        [t("shape"), g.const(t("zero"), np.array([0], np.int64)), g.const(t("one"), np.array([1], np.int64))],
+        [t("m")],
+        t("SliceM"),
+    )
     g.node("Min", [k, t("m")], [t("kk")], t("ClampK"))
     g.node("Reshape", [scores, g.const(t("flat_shape"), np.array([0, -1], np.int64))], [t("flat")], t("Flatten"))
     g.node("TopK", [t("flat"), t("kk")], [t("top_val"), t("top_idx")], t("TopKPerPixel"), axis=0)
     g.node("Shape", [t("top_idx")], [t("top_shape")], t("TopShape"))
-    g.node("ConstantOfShape", [t("top_shape")], [t("ones")], t("Ones"),
-           value=numpy_helper.from_array(np.array([1.0], np.float32)))
+    g.node(
+        "ConstantOfShape",
+        [t("top_shape")],
+        [t("ones")],
+        t("Ones"),
+        value=numpy_helper.from_array(np.array([1.0], np.float32)),
+    )
     g.node("Shape", [t("flat")], [t("flat_dims")], t("FlatShape"))
-    g.node("ConstantOfShape", [t("flat_dims")], [t("zeros")], t("Zeros"),
-           value=numpy_helper.from_array(np.array([0.0], np.float32)))
+    g.node(
+        "ConstantOfShape",
+        [t("flat_dims")],
+        [t("zeros")],
+        t("Zeros"),
+        value=numpy_helper.from_array(np.array([0.0], np.float32)),
+    )
     g.node("ScatterElements", [t("zeros"), t("top_idx"), t("ones")], [t("hit")], t("MarkHits"), axis=0)
-    g.node("ReduceMax", [t("hit"), g.const(t("axis1"), np.array([1], np.int64))], [t("mask")], t("AnyPixel"),
-           keepdims=0)
+    g.node(
+        "ReduceMax", [t("hit"), g.const(t("axis1"), np.array([1], np.int64))], [t("mask")], t("AnyPixel"), keepdims=0
+    )
     g.node("Cast", [t("m")], [t("m_f")], t("CastM"), to=TensorProto.FLOAT)
     g.node("Squeeze", [t("m_f")], [t("m_s")], t("ScalarM"))
-    g.node("Range", [g.const(t("f0"), np.array(0.0, np.float32)), t("m_s"), g.const(t("f1"), np.array(1.0, np.float32))],
-           [t("arange")], t("Arange"))
+    g.node(
+        "Range",
+        [g.const(t("f0"), np.array(0.0, np.float32)), t("m_s"), g.const(t("f1"), np.array(1.0, np.float32))],
+        [t("arange")],
+        t("Arange"),
+    )
     g.node("Add", [t("m_f"), t("m_f")], [t("two_m")], t("TwoM"))
     g.node("Mul", [t("mask"), t("two_m")], [t("lifted")], t("Lift"))
     g.node("Sub", [t("lifted"), t("arange")], [t("rank_score")], t("RankScore"))

@@ -107,13 +107,27 @@ class _DecoderLayer(nn.Module):
         return x, g, self.aux(x)[:, 0].float()
 
 
-def _export(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str], outputs: list[str],
-            dynamic: dict[str, dict[int, str]]) -> onnx.ModelProto:
+def _export(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    inputs: list[str],
+    outputs: list[str],
+    dynamic: dict[str, dict[int, str]],
+) -> onnx.ModelProto:
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, buf, input_names=inputs, output_names=outputs, dynamic_axes=dynamic,
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            args,
+            buf,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -147,9 +161,13 @@ def build_decoder_graph(model: SedModel, precision: str = "fp32") -> onnx.ModelP
     n = 3
     text = torch.nn.functional.normalize(torch.randn(n, p, e), dim=-1)
     fp32 = [feats.dense, text, feats.res4, feats.res3, feats.res2]
-    pre = _export(_PreRejection(m, dtype), tuple(fp32), ["dense", "text", "res4", "res3", "res2"],
-                  ["corr", "x", "aux", "skip0", "skip1", "skip2"],
-                  {"text": {0: "N"}, "corr": {0: "N"}, "x": {0: "N"}, "aux": {0: "N"}})
+    pre = _export(
+        _PreRejection(m, dtype),
+        tuple(fp32),
+        ["dense", "text", "res4", "res3", "res2"],
+        ["corr", "x", "aux", "skip0", "skip1", "skip2"],
+        {"text": {0: "N"}, "corr": {0: "N"}, "x": {0: "N"}, "aux": {0: "N"}},
+    )
     with torch.inference_mode():
         corr, x, _, *skips = _PreRejection(m, dtype)(*fp32)
     layer_specs = []
@@ -167,24 +185,34 @@ def build_decoder_graph(model: SedModel, precision: str = "fp32") -> onnx.ModelP
     pre_out = _inline(g, pre, "pre", {k: k for k in ["dense", "text", "res4", "res3", "res2"]})
     g.node("Shape", ["text"], ["num_classes"], "NumClasses", start=0, end=1)
     g.node("Squeeze", ["num_classes"], ["num_classes_s"], "ScalarN")
-    g.node("Range", [g.const("i64_0", np.array(0, np.int64)), "num_classes_s", g.const("i64_1", np.array(1, np.int64))],
-           ["alive_init"], "AllClasses")
+    g.node(
+        "Range",
+        [g.const("i64_0", np.array(0, np.int64)), "num_classes_s", g.const("i64_1", np.array(1, np.int64))],
+        ["alive_init"],
+        "AllClasses",
+    )
     x_name, cg_name, aux_name, alive = pre_out["x"], pre_out["corr"], pre_out["aux"], "alive_init"
     for i in range(3):
         g.extend(topk_union_graph(aux_name, "k", f"keep{i}", prefix=f"cer{i}"))
         g.nodes.append(gather_rows(x_name, f"keep{i}", f"cer{i}/x", f"cer{i}/GatherX"))
         g.nodes.append(gather_rows(cg_name, f"keep{i}", f"cer{i}/cg", f"cer{i}/GatherGuidance"))
         g.nodes.append(gather_rows(alive, f"keep{i}", f"kept{i}", f"cer{i}/GatherAlive"))
-        outs = _inline(g, layer_specs[i], f"decoder{i + 1}",
-                       {"x": f"cer{i}/x", "cg": f"cer{i}/cg", "skip": pre_out[f"skip{i}"]})
+        outs = _inline(
+            g, layer_specs[i], f"decoder{i + 1}", {"x": f"cer{i}/x", "cg": f"cer{i}/cg", "skip": pre_out[f"skip{i}"]}
+        )
         if i < 2:
             x_name, cg_name, aux_name, alive = outs["x_out"], outs["g_out"], outs["aux_out"], f"kept{i}"
     probs = outs["probs"]
     # Rejected classes score exactly 0: scatter the survivors' probabilities into zeros (N, h, w).
     g.node("Shape", [probs], ["probs_hw"], "ProbsHW", start=1)
     g.node("Concat", ["num_classes", "probs_hw"], ["scores_shape"], "ScoresShape", axis=0)
-    g.node("ConstantOfShape", ["scores_shape"], ["scores_zero"], "ScoresZero",
-           value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    g.node(
+        "ConstantOfShape",
+        ["scores_shape"],
+        ["scores_zero"],
+        "ScoresZero",
+        value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
+    )
     g.node("Unsqueeze", ["kept2", g.const("axis_1", np.array([1], np.int64))], ["kept2_col"], "KeptColumn")
     g.node("ScatterND", ["scores_zero", "kept2_col", probs], ["scores"], "ScatterSurvivors")
 
@@ -214,8 +242,13 @@ def build_encoder_graph(model: SedModel, precision: str = "fp32") -> onnx.ModelP
     """(image 1x3xSxS) -> (dense, res4, res3, res2), fixed shapes."""
     dtype = _compute_dtype(precision)
     s = model.config.sed.input_size
-    return _export(_Encoder(_with_precision(model, precision), dtype), (torch.zeros(1, 3, s, s),),
-                   ENCODER_INPUTS, ENCODER_OUTPUTS, {})
+    return _export(
+        _Encoder(_with_precision(model, precision), dtype),
+        (torch.zeros(1, 3, s, s),),
+        ENCODER_INPUTS,
+        ENCODER_OUTPUTS,
+        {},
+    )
 
 
 def check_graph(model: onnx.ModelProto) -> None:

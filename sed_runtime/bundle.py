@@ -62,7 +62,9 @@ class Bundle:
             )
         for key in ("model", "precision", "graphs", "files", "input", "templates", "weights"):
             if key not in manifest:
-                raise SedUserError(f"{root / MANIFEST} lacks '{key}'; rebuild the bundle with `sed-export build --force`")
+                raise SedUserError(
+                    f"{root / MANIFEST} lacks '{key}'; rebuild the bundle with `sed-export build --force`"
+                )
         bundle = cls(root=root, manifest=manifest)
         if verify:
             bundle.verify()
@@ -98,8 +100,9 @@ class Bundle:
     @property
     def input_spec(self) -> InputSpec:
         i = self.manifest["input"]
-        return InputSpec(int(i["input_size"]), int(i["min_size"]), int(i["max_size"]),
-                         tuple(i["pixel_mean"]), tuple(i["pixel_std"]))  # type: ignore[arg-type]
+        return InputSpec(
+            int(i["input_size"]), int(i["min_size"]), int(i["max_size"]), tuple(i["pixel_mean"]), tuple(i["pixel_std"])
+        )  # type: ignore[arg-type]
 
     def bundled_embeddings(self) -> tuple[tuple[str, ...], str, np.ndarray] | None:
         """(class names, digest, (N, P, E) embeddings) of the vocabulary the bundle was built with."""

@@ -9,9 +9,7 @@ import typer
 
 from .cli_common import expand_images, parse_topk, unique_stems, user_errors
 
-app = typer.Typer(
-    help="Run SED open-vocabulary segmentation on images.", no_args_is_help=True, add_completion=False
-)
+app = typer.Typer(help="Run SED open-vocabulary segmentation on images.", no_args_is_help=True, add_completion=False)
 
 
 @app.callback()
@@ -24,21 +22,29 @@ def _main() -> None:
 def infer(
     inputs: Annotated[
         list[str],
-        typer.Argument(help="[BUNDLE] IMAGE...: an optional bundle (its folder or any file in it, e.g. "
-                       "engines/sed-b-fp16/encoder.onnx), then image files, folders or globs.",
-                       metavar="[BUNDLE] IMAGE..."),
+        typer.Argument(
+            help="[BUNDLE] IMAGE...: an optional bundle (its folder or any file in it, e.g. "
+            "engines/sed-b-fp16/encoder.onnx), then image files, folders or globs.",
+            metavar="[BUNDLE] IMAGE...",
+        ),
     ],
     vocab: Annotated[
         Optional[str],
-        typer.Option(help="Built-in vocabulary (ade150, ade847, coco, pc459, pc59, voc20, voc20b) or a .json/.txt "
-                          "file. Defaults to the bundle's vocabulary."),
+        typer.Option(
+            help="Built-in vocabulary (ade150, ade847, coco, pc459, pc59, voc20, voc20b) or a .json/.txt "
+            "file. Defaults to the bundle's vocabulary."
+        ),
     ] = None,
     classes: Annotated[
-        Optional[str], typer.Option(help="Inline classes instead of --vocab: 'cat; dog, puppy; sky' (';' between "
-                                         "classes, ',' between synonyms).")
+        Optional[str],
+        typer.Option(
+            help="Inline classes instead of --vocab: 'cat; dog, puppy; sky' (';' between "
+            "classes, ',' between synonyms)."
+        ),
     ] = None,
-    model: Annotated[str, typer.Option(help="Built-in model (sed-tiny, sed-b, sed-l) or a model JSON file "
-                                            "(without a bundle).")] = "sed-tiny",
+    model: Annotated[
+        str, typer.Option(help="Built-in model (sed-tiny, sed-b, sed-l) or a model JSON file (without a bundle).")
+    ] = "sed-tiny",
     checkpoint: Annotated[
         Optional[Path], typer.Option(help="Official SED .pth checkpoint. Without it the weights are random.")
     ] = None,
@@ -47,10 +53,13 @@ def infer(
     device: Annotated[str, typer.Option(help="Torch device for --backend torch (cpu, cuda).")] = "cpu",
     providers: Annotated[str, typer.Option(help="ONNX Runtime providers: cpu, auto, cuda, tensorrt.")] = "cpu",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out"),
-    save_npz: Annotated[bool, typer.Option("--save-npz", help="Also write scores, seg and kept indices (npz).")] = False,
+    save_npz: Annotated[
+        bool, typer.Option("--save-npz", help="Also write scores, seg and kept indices (npz).")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     allow_pickle: Annotated[
-        bool, typer.Option("--allow-pickle", help="Allow a checkpoint that needs pickle (runs code: trusted files only).")
+        bool,
+        typer.Option("--allow-pickle", help="Allow a checkpoint that needs pickle (runs code: trusted files only)."),
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -93,8 +102,15 @@ def infer(
     planned = [output_paths(out, s, save_npz) for s in stems]
     refuse_overwrite([p for d in planned for p in d.values()], force)
 
-    engine = make_backend(backend, bundle=bundle_dir, model=model, checkpoint=checkpoint, device=device,
-                          providers=providers, allow_pickle=allow_pickle)
+    engine = make_backend(
+        backend,
+        bundle=bundle_dir,
+        model=model,
+        checkpoint=checkpoint,
+        device=device,
+        providers=providers,
+        allow_pickle=allow_pickle,
+    )
     if "random" in str(engine.describe().get("weights", "")):
         console.print("note: random weights (no checkpoint), so the masks are random", markup=False)
     from .pipeline import SedPipeline
@@ -102,14 +118,17 @@ def infer(
     pipe = SedPipeline(engine, vocabulary, topk=k, progress=progress)
     from tqdm import tqdm
 
-    for path, files in tqdm(list(zip(paths, planned)), desc="images", unit="img", disable=not progress or len(paths) < 2):
+    for path, files in tqdm(
+        list(zip(paths, planned)), desc="images", unit="img", disable=not progress or len(paths) < 2
+    ):
         image = load_image(path)
         result = pipe(image)
         extra = {"image": str(path), "vocabulary": vocabulary.name, **engine.describe()}
         write_outputs(result, image, files, extra)
         present = ", ".join(c["name"].split(", ")[0] for c in result.classes_present()[:5])
-        console.print(f"{path}: {result.timings_ms['total']:.0f} ms, top classes: {present} -> {files['overlay']}",
-                      markup=False)
+        console.print(
+            f"{path}: {result.timings_ms['total']:.0f} ms, top classes: {present} -> {files['overlay']}", markup=False
+        )
 
 
 if __name__ == "__main__":

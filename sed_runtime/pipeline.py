@@ -57,8 +57,13 @@ class SedPipeline:
 
     @classmethod
     def from_bundle(
-        cls, path: str | Path, vocab: Vocabulary | str | None = None, topk: int | None = 8, *,
-        providers: str = "cpu", progress: bool = False,
+        cls,
+        path: str | Path,
+        vocab: Vocabulary | str | None = None,
+        topk: int | None = 8,
+        *,
+        providers: str = "cpu",
+        progress: bool = False,
     ) -> SedPipeline:
         """ONNX Runtime pipeline for a bundle; `vocab` defaults to the one the bundle was built with."""
         from .backends.ort_backend import OrtBackend
@@ -84,8 +89,12 @@ class SedPipeline:
         spec = self.backend.input_spec
         t0 = time.perf_counter()
         pre = preprocess(
-            img, pixel_mean=spec.pixel_mean, pixel_std=spec.pixel_std, input_size=spec.input_size,
-            min_size=spec.min_size, max_size=spec.max_size,
+            img,
+            pixel_mean=spec.pixel_mean,
+            pixel_std=spec.pixel_std,
+            input_size=spec.input_size,
+            min_size=spec.min_size,
+            max_size=spec.max_size,
         )
         timings = {"preprocess": (time.perf_counter() - t0) * 1e3}
         result = self.backend.infer(pre.tensor, self.text, self.topk)
@@ -96,6 +105,11 @@ class SedPipeline:
         timings["text_embeddings_once"] = self.text_ms
         timings["total"] = (time.perf_counter() - t_start) * 1e3
         return Segmentation(
-            image_hw=pre.orig_hw, seg=seg, scores=result.scores, kept=result.kept,
-            class_names=self.vocab.classes, topk=self.topk, timings_ms=timings,
+            image_hw=pre.orig_hw,
+            seg=seg,
+            scores=result.scores,
+            kept=result.kept,
+            class_names=self.vocab.classes,
+            topk=self.topk,
+            timings_ms=timings,
         )

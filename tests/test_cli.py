@@ -42,8 +42,20 @@ def cache_env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def topk2_run(images, cache_env, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    r = run("sed-run", "infer", str(images), "--classes", CLASSES, "--topk", "2", "--out", str(out),
-            "--save-npz", "--no-progress", env_extra=cache_env)
+    r = run(
+        "sed-run",
+        "infer",
+        str(images),
+        "--classes",
+        CLASSES,
+        "--topk",
+        "2",
+        "--out",
+        str(out),
+        "--save-npz",
+        "--no-progress",
+        env_extra=cache_env,
+    )
     assert r.returncode == 0, r.stderr
     return out, r
 
@@ -77,20 +89,43 @@ def test_outputs_exist_and_agree(topk2_run, stem, hw):
 
 def test_topk_all_has_no_kept_and_refuses_overwrite(images, cache_env, tmp_path):
     img = str(images / "landscape.jpg")
-    r = run("sed-run", "infer", img, "--classes", CLASSES, "--topk", "all", "--out", str(tmp_path),
-            "--save-npz", "--no-progress", env_extra=cache_env)
+    r = run(
+        "sed-run",
+        "infer",
+        img,
+        "--classes",
+        CLASSES,
+        "--topk",
+        "all",
+        "--out",
+        str(tmp_path),
+        "--save-npz",
+        "--no-progress",
+        env_extra=cache_env,
+    )
     assert r.returncode == 0, r.stderr
     data = np.load(tmp_path / "landscape.npz")
     assert set(data.files) == {"scores", "seg"}
     assert np.all(data["scores"] > 0)
     assert json.loads((tmp_path / "landscape.json").read_text())["kept_counts"] is None
     before = (tmp_path / "landscape.json").stat().st_mtime_ns
-    again = run("sed-run", "infer", img, "--classes", CLASSES, "--out", str(tmp_path), "--no-progress",
-                env_extra=cache_env)
+    again = run(
+        "sed-run", "infer", img, "--classes", CLASSES, "--out", str(tmp_path), "--no-progress", env_extra=cache_env
+    )
     assert again.returncode == 2 and "--force" in again.stderr
     assert (tmp_path / "landscape.json").stat().st_mtime_ns == before
-    forced = run("sed-run", "infer", img, "--classes", CLASSES, "--out", str(tmp_path), "--no-progress", "--force",
-                 env_extra=cache_env)
+    forced = run(
+        "sed-run",
+        "infer",
+        img,
+        "--classes",
+        CLASSES,
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--force",
+        env_extra=cache_env,
+    )
     assert forced.returncode == 0, forced.stderr
 
 
@@ -107,8 +142,9 @@ def _bad_inputs(tmp: Path, images: Path) -> dict[str, list[str]]:
     wrong_ckpt = tmp / "wrong.pth"
     import torch
 
-    torch.save({"model": {"sem_seg_head.predictor.clip_model.visual.head.proj.weight": torch.zeros(640, 1024)}},
-               wrong_ckpt)
+    torch.save(
+        {"model": {"sem_seg_head.predictor.clip_model.visual.head.proj.weight": torch.zeros(640, 1024)}}, wrong_ckpt
+    )
     img = str(images / "landscape.jpg")
     return {
         "missing image": [str(tmp / "nope.jpg"), "--classes", "cat"],
@@ -133,15 +169,27 @@ def test_bad_inputs_give_one_line_and_exit_2(tmp_path, images, cache_env):
         assert len(lines) == 1 and lines[0].startswith("error: "), (case, r.stderr)
         assert "Traceback" not in r.stderr, case
         assert not out.exists() or not any(out.iterdir()), case
-    hint = run("sed-run", "infer", str(images / "landscape.jpg"), "--classes", "cat", "--out", str(out),
-               "--checkpoint", str(tmp_path / "wrong.pth"), env_extra=cache_env)
+    hint = run(
+        "sed-run",
+        "infer",
+        str(images / "landscape.jpg"),
+        "--classes",
+        "cat",
+        "--out",
+        str(out),
+        "--checkpoint",
+        str(tmp_path / "wrong.pth"),
+        env_extra=cache_env,
+    )
     assert "--model sed-b" in hint.stderr
 
 
 def test_help_is_fast_and_does_not_import_torch():
-    code = ("import sys; from typer.testing import CliRunner; from sed_runtime.cli import app; "
-            "r = CliRunner().invoke(app, ['infer', '--help']); assert r.exit_code == 0, r.output; "
-            "assert 'torch' not in sys.modules")
+    code = (
+        "import sys; from typer.testing import CliRunner; from sed_runtime.cli import app; "
+        "r = CliRunner().invoke(app, ['infer', '--help']); assert r.exit_code == 0, r.output; "
+        "assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     for tool in ("sed-export", "sed-bench"):
         assert run(tool, "--help").returncode == 0

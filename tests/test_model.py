@@ -70,8 +70,9 @@ def test_dense_head_equals_official_fake_batch_path(tiny):
         ref = visual.head(visual.trunk.head(x.permute(0, 2, 3, 1).reshape(35, 320, 1, 1)))
         ref = ref.reshape(1, 5, 7, -1).permute(0, 3, 1, 2)
         norm = visual.trunk.head.norm
-        ours = visual.head(F.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias,
-                                        norm.eps)).permute(0, 3, 1, 2)
+        ours = visual.head(
+            F.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        ).permute(0, 3, 1, 2)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -149,8 +150,9 @@ def test_cer_keeps_exactly_the_planted_topk():
     dense = direction.reshape(1, e, 1, 1).expand(1, e, 24, 24).contiguous()
     n = 30
     sims = torch.linspace(-0.9, 0.9, n)[torch.randperm(n, generator=g)]  # distinct class similarities
-    other = F.normalize(torch.randn(n, e, generator=g) - (torch.randn(n, e, generator=g) @ direction)[:, None]
-                        * direction, dim=-1)
+    other = F.normalize(
+        torch.randn(n, e, generator=g) - (torch.randn(n, e, generator=g) @ direction)[:, None] * direction, dim=-1
+    )
     other = F.normalize(other - (other @ direction)[:, None] * direction, dim=-1)
     text = (sims[:, None] * direction + (1 - sims[:, None] ** 2).sqrt() * other)[:, None, :].expand(n, 80, e)
     feats = model.encode_image(torch.zeros(1, 3, 768, 768))._replace(dense=dense)

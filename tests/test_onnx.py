@@ -10,11 +10,11 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 F = torch.nn.functional
 
+from sed_export.cer import topk_union  # noqa: E402
 from sed_export.config import load_model_config  # noqa: E402
 from sed_export.model import build_model  # noqa: E402
 from sed_export.onnx_cer import topk_union_graph  # noqa: E402
 from sed_export.onnx_export import build_decoder_graph, build_encoder_graph, check_graph  # noqa: E402
-from sed_export.cer import topk_union  # noqa: E402
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -54,8 +54,14 @@ def _planted(model, n, seed=2):
 
 
 def _feed(feats, text, k):
-    return {"dense": feats.dense.numpy(), "text": text.numpy(), "res4": feats.res4.numpy(),
-            "res3": feats.res3.numpy(), "res2": feats.res2.numpy(), "k": np.array([k], np.int64)}
+    return {
+        "dense": feats.dense.numpy(),
+        "text": text.numpy(),
+        "res4": feats.res4.numpy(),
+        "res3": feats.res3.numpy(),
+        "res2": feats.res2.numpy(),
+        "k": np.array([k], np.int64),
+    }
 
 
 @pytest.mark.parametrize("n", [1, 20, 150])
@@ -93,16 +99,29 @@ def test_cer_subgraph_equals_topk_union():
 
     sub = topk_union_graph("scores", "k", "keep", prefix="cer")
     graph = helper.make_graph(
-        sub.nodes, "cer", [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["M", "H", "W"]),
-                           helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
-        [helper.make_tensor_value_info("keep", TensorProto.INT64, ["K"])], sub.initializers)
+        sub.nodes,
+        "cer",
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["M", "H", "W"]),
+            helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
+        ],
+        [helper.make_tensor_value_info("keep", TensorProto.INT64, ["K"])],
+        sub.initializers,
+    )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     check_graph(m)
     assert "NonZero" not in {n.op_type for n in m.graph.node}
     sess = _session(m)
     rng = np.random.default_rng(0)
-    for classes, hw, k in [(1, (3, 3), 1), (7, (1, 1), 2), (50, (8, 8), 1), (50, (8, 8), 3), (847, (6, 6), 8),
-                           (10, (4, 4), 10), (10, (4, 4), 99)]:
+    for classes, hw, k in [
+        (1, (3, 3), 1),
+        (7, (1, 1), 2),
+        (50, (8, 8), 1),
+        (50, (8, 8), 3),
+        (847, (6, 6), 8),
+        (10, (4, 4), 10),
+        (10, (4, 4), 99),
+    ]:
         scores = rng.standard_normal((classes, *hw)).astype(np.float32)
         (keep,) = sess.run(None, {"scores": scores, "k": np.array([k], np.int64)})
         assert keep.tolist() == topk_union(torch.from_numpy(scores), k).tolist()
@@ -133,7 +152,9 @@ def test_fp16_graphs_agree_with_fp32_on_segmentation(model, decoder_fp32):
     agreements = []
     for enc, dec in ((enc32, decoder_fp32), (enc16, dec16)):
         dense, res4, res3, res2 = enc.run(None, {"image": image})
-        scores, *_ = dec.run(None, {"dense": dense, "text": text, "res4": res4, "res3": res3, "res2": res2,
-                                    "k": np.array([20], np.int64)})
+        scores, *_ = dec.run(
+            None,
+            {"dense": dense, "text": text, "res4": res4, "res3": res3, "res2": res2, "k": np.array([20], np.int64)},
+        )
         agreements.append(segment(scores, (300, 400)))
     assert (agreements[0] == agreements[1]).mean() >= 0.99

@@ -45,6 +45,7 @@ def make_backend(
                 f"bundle {b.root} was built from checkpoint {weights.get('checkpoint_name')}; "
                 "pass it with --checkpoint to run --backend torch"
             )
-        return TorchBackend(b.manifest["model"], checkpoint, device=device, allow_pickle=allow_pickle,
-                            seed=int(weights.get("seed", 0)))
+        return TorchBackend(
+            b.manifest["model"], checkpoint, device=device, allow_pickle=allow_pickle, seed=int(weights.get("seed", 0))
+        )
     return TorchBackend(model, checkpoint, device=device, allow_pickle=allow_pickle)
