@@ -1,0 +1,169 @@
+"""`sed-export build`: model + checkpoint + vocabulary -> a deployable bundle folder.
+
+Everything is written into a hidden temporary folder beside the target and renamed into place at the end,
+so a bundle is complete or absent; an existing bundle is replaced only with `force`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sed_runtime.bundle import FORMAT, MANIFEST, sha256_file
+from sed_runtime.errors import SedUserError
+from sed_runtime.vocab import Vocabulary
+
+from . import __version__
+
+Log = Callable[[str], None]
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"sed-deploy": __version__, "python": platform.python_version()}
+    for dist in ("torch", "onnx", "open_clip_torch", "timm", "onnxruntime"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _io(model: Any) -> dict[str, list[dict[str, Any]]]:
+    """Names, shapes (ints or symbolic names) and dtypes of a graph's inputs and outputs."""
+    import onnx
+
+    def describe(v: Any) -> dict[str, Any]:
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+        return {"name": v.name, "shape": dims, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name}
+
+    return {"inputs": [describe(v) for v in model.graph.input], "outputs": [describe(v) for v in model.graph.output]}
+
+
+def build_bundle(
+    model_spec: str,
+    vocab: Vocabulary,
+    out: Path,
+    *,
+    checkpoint: Path | None = None,
+    precision: str = "fp32",
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    log: Log = print,
+) -> Path:
+    """Export encoder, decoder and text encoder ONNX, the tokenizer and `vocab`'s embeddings; return `out`."""
+    import onnx
+    import open_clip
+    from safetensors.numpy import save_file
+
+    from .checkpoint import load_checkpoint_into
+    from .config import load_model_config
+    from .model import build_model
+    from .onnx_export import OPSET, PRECISIONS, build_decoder_graph, build_encoder_graph, save_graph
+    from .onnx_text import export_text_encoder
+    from .text import cached_text_embeddings, text_tower_digest
+    from .tokenizer_export import clip_tokenizer_json
+
+    if precision not in PRECISIONS:
+        raise SedUserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if out.exists() and not force:
+        raise SedUserError(f"{out} already exists; pass --force to replace it or choose another --out")
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise SedUserError(f"{out} exists and is not a bundle; refusing to replace it, choose another --out")
+    config = load_model_config(model_spec)
+    model = build_model(config)
+    weights: dict[str, Any] = {"source": "random", "seed": 0, "checkpoint_sha256": None}
+    if checkpoint is not None:
+        _, sha = load_checkpoint_into(model, checkpoint, allow_pickle=allow_pickle)
+        weights = {"source": "checkpoint", "checkpoint_sha256": sha, "checkpoint_name": checkpoint.name}
+    weights["text_tower_digest"] = text_tower_digest(model.clip_model)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        graphs: dict[str, dict[str, Any]] = {}
+        t0 = time.perf_counter()
+        enc = build_encoder_graph(model, precision)
+        save_graph(enc, tmp / "encoder.onnx")
+        graphs["encoder"] = {"file": "encoder.onnx", **_io(enc)}
+        log(f"encoder.onnx   {time.perf_counter() - t0:6.1f} s")
+        t0 = time.perf_counter()
+        dec = build_decoder_graph(model, precision)
+        save_graph(dec, tmp / "decoder.onnx")
+        graphs["decoder"] = {"file": "decoder.onnx", **_io(dec)}
+        log(f"decoder.onnx   {time.perf_counter() - t0:6.1f} s")
+        t0 = time.perf_counter()
+        export_text_encoder(model.clip_model, tmp / "text_encoder.onnx", opset=OPSET)
+        graphs["text_encoder"] = {"file": "text_encoder.onnx", **_io(onnx.load(str(tmp / "text_encoder.onnx")))}
+        ctx = int(config.clip["text_cfg"].get("context_length", 77))
+        (tmp / "tokenizer.json").write_text(clip_tokenizer_json(ctx))
+        log(f"text encoder   {time.perf_counter() - t0:6.1f} s")
+        t0 = time.perf_counter()
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
+        emb = cached_text_embeddings(
+            model.clip_model, tokenizer, config.name, vocab, model.templates, progress=progress
+        )
+        (tmp / "text").mkdir()
+        emb_file = f"text/{vocab.name}.safetensors"
+        save_file(
+            {"embeddings": np.ascontiguousarray(emb, dtype=np.float32)},
+            str(tmp / emb_file),
+            metadata={"vocabulary": vocab.name, "digest": vocab.digest()},
+        )
+        log(f"text embeddings {time.perf_counter() - t0:5.1f} s ({len(vocab)} classes)")
+
+        s = config.sed
+        manifest = {
+            "format": FORMAT,
+            "model": config.to_dict(),
+            "weights": weights,
+            "precision": precision,
+            "opset": OPSET,
+            "engine": "onnx",
+            "producer": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "input": {
+                "input_size": s.input_size,
+                "min_size": s.min_size_test,
+                "max_size": s.max_size_test,
+                "pixel_mean": list(s.pixel_mean),
+                "pixel_std": list(s.pixel_std),
+            },
+            "templates": list(model.templates),
+            "tokenizer": "tokenizer.json",
+            "graphs": graphs,
+            "vocabulary": {
+                "name": vocab.name,
+                "classes": list(vocab.classes),
+                "digest": vocab.digest(),
+                "embeddings": emb_file,
+            },
+            "files": {
+                str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file()
+            },
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
