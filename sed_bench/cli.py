@@ -11,6 +11,7 @@ images the kept counts are measured. Heavy imports happen inside the command, so
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -35,7 +36,8 @@ def main(
     backend: Annotated[str, typer.Option(help="torch, ort or both: torch,ort (trt: not yet).")] = "torch",
     vocabs: Annotated[str, typer.Option(help="Comma-separated built-in names or class-list files.")] = "voc20",
     topk: Annotated[str, typer.Option(help="Comma-separated k values; 'all' = every class, no CER.")] = "1,2,4,8,all",
-    images: Annotated[Optional[str], typer.Option(help="Image file, folder or glob (default: the shipped example).")] = None,
+    images: Annotated[Optional[str], typer.Option(
+        help="Image file, folder or glob (default: the shipped example).")] = None,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed calls per cell.")] = 1,
     iters: Annotated[int, typer.Option(min=1, help="Timed passes over the images per cell.")] = 3,
     kept: Annotated[Optional[str], typer.Option(
@@ -44,15 +46,19 @@ def main(
     device: Annotated[str, typer.Option(help="Torch device: cpu or cuda[:i].")] = "cpu",
     providers: Annotated[str, typer.Option(help="ONNX Runtime providers: cpu, cuda, tensorrt or auto.")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32 or fp16 graphs for --backend ort without a bundle.")] = "fp32",
-    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for torch and ORT (default: theirs).")] = None,
-    profile_runs: Annotated[int, typer.Option(min=0, help="Extra profiled ORT calls per cell for its stage split.")] = 1,
+    threads: Annotated[Optional[int], typer.Option(
+        min=1, help="CPU threads for torch and ORT (default: theirs).")] = None,
+    ort_profile: Annotated[bool, typer.Option(
+        help="Split ORT's decoder time into stages with its node profiler.")] = True,
     max_rss_gb: Annotated[Optional[float], typer.Option(
         help="Skip cells whose peak RSS, extrapolated from the cells measured before, would exceed this.")] = None,
     work: Annotated[Path, typer.Option(help="Cache folder for ONNX graphs exported for --backend ort.")] = Path(
         "engines/bench"),
-    out: Annotated[Optional[Path], typer.Option(help="Report folder (report.md, cells.csv, results.json, png).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Report folder (report.md, cells.csv, results.json, png).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into an existing --out.")] = False,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled checkpoints (trusted only).")] = False,
+    allow_pickle: Annotated[bool, typer.Option(
+        "--allow-pickle", help="Allow pickled checkpoints (trusted only).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar over the grid.")] = True,
 ) -> None:
     """Time every (vocabulary, k) cell on each backend: median/p90 ms per stage, kept counts, peak memory."""
@@ -88,7 +94,7 @@ def main(
     cfg = BenchConfig(
         backends=backends, vocabs=vocab_list, cells=cells, images=image_paths, model=model, checkpoint=checkpoint,
         bundle=bundle, text=text, kept_spec=kept_spec, warmup=warmup, iters=iters, device=device,
-        providers=providers, precision=precision, threads=threads, profile_runs=profile_runs,
+        providers=providers, precision=precision, threads=threads, ort_profile=ort_profile,
         max_rss_gb=max_rss_gb, work=work, allow_pickle=allow_pickle,
     )
     argv = ["sed-bench"] + ([str(bundle)] if bundle else []) + (["--model", model] if bundle is None else [])
@@ -106,9 +112,17 @@ def main(
     def log(msg: str) -> None:
         print(msg, file=sys.stderr)
 
-    results = run_bench(cfg, log=log, progress=progress)
+    partial = None if out is None else out / "results.partial.json"
+
+    def save_partial(results: dict) -> None:  # a long run killed half-way still leaves its cells
+        assert partial is not None
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(results, indent=2) + "\n")
+
+    results = run_bench(cfg, log=log, progress=progress, on_cell=None if out is None else save_partial)
     if out is not None:
         written = write_reports(results, out)
+        partial.unlink(missing_ok=True)  # type: ignore[union-attr]
         for line in console_summary(results):
             print(line)
         print("reports: " + ", ".join(str(p) for p in written.values()))

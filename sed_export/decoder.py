@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from .cer import topk_union
 from .config import SedSettings
 
 StageTimer = Callable[[str], ContextManager[object]]
+CerSelect = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _no_timer(_: str) -> ContextManager[object]:
@@ -209,8 +210,14 @@ class SedDecoder(nn.Module):
         guidance: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         topk: int | None = None,
         timer: StageTimer = _no_timer,
+        cer_select: CerSelect | None = None,
     ) -> DecoderOutput:
-        """dense: (1, E, 24, 24); text: (N, P, E); guidance: (res4, res3, res2). topk None = full mode."""
+        """dense: (1, E, 24, 24); text: (N, P, E); guidance: (res4, res3, res2). topk None = full mode.
+
+        cer_select (benchmarks only, e.g. `sed-bench --kept`): called at CER point i as
+        `cer_select(i, aux_logits, keep)` with the (T, H, W) aux logits of the alive classes and CER's sorted
+        row indices; returns the sorted row indices to keep instead. None = CER as in the paper.
+        """
         if topk is not None and topk < 1:
             raise ValueError(f"topk must be >= 1 or None, got {topk}")
         with timer("cost_volume"):
@@ -227,7 +234,10 @@ class SedDecoder(nn.Module):
         for i in range(3):
             if topk is not None:
                 with timer(f"cer{i}"):
-                    keep = topk_union(aux_heads[i](x)[:, 0], topk)
+                    aux = aux_heads[i](x)[:, 0]
+                    keep = topk_union(aux, topk)
+                    if cer_select is not None:  # benchmark hook (sed-bench --kept): force the survivors
+                        keep = cer_select(i, aux, keep)
                     if keep.numel() < x.shape[0]:
                         x, cg, alive = x[keep], cg[keep], alive[keep]
                     kept.append(alive)

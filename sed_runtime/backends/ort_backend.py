@@ -66,6 +66,8 @@ class OrtBackend(Backend):
         self.decoder = _session(self.bundle.path("decoder"), self.providers, threads)
         self._text_session: Any = None
         self._ort_version = ort.__version__
+        # Benchmark hook (sed-bench --kept), empty by default: extra inputs of a bench-only decoder graph variant.
+        self.extra_decoder_inputs: dict[str, np.ndarray] = {}
 
     @property
     def input_spec(self) -> InputSpec:
@@ -115,7 +117,7 @@ class OrtBackend(Backend):
         t0 = time.perf_counter()
         scores, *kept = self.decoder.run(None, {
             "dense": dense, "text": np.ascontiguousarray(text, dtype=np.float32), "res4": res4, "res3": res3,
-            "res2": res2, "k": np.array([k], dtype=np.int64),
+            "res2": res2, "k": np.array([k], dtype=np.int64), **self.extra_decoder_inputs,
         })
         timings["decoder"] = (time.perf_counter() - t0) * 1e3
         return BackendResult(
