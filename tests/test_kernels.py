@@ -6,6 +6,7 @@ the CMake plugin build needs TensorRT headers; the kernel itself (through the to
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -220,3 +221,308 @@ def test_order_keys_are_the_rule_as_one_integer_compare():
     v = x[:, 0].astype(np.float64)
     by_rule = sorted(range(len(v)), key=lambda i: (0 if np.isnan(v[i]) else 1, 0.0 if np.isnan(v[i]) else -v[i], i))
     assert by_key == by_rule
+
+
+# ------------------------------------------------------------------- kernel algorithm, modelled on the CPU
+
+_SENTINEL, _EMPTY = 2**64 - 1, 0
+
+
+def _insert(lst: list[int], x: int) -> None:
+    """kernels/topk_union.cu `insert`, statement for statement."""
+    cap = len(lst)
+    if x <= lst[cap - 1]:
+        return
+    for j in range(cap - 1, 0, -1):
+        prev = lst[j - 1]
+        lst[j] = prev if prev < x else (x if lst[j] < x else lst[j])
+    lst[0] = x if lst[0] < x else lst[0]
+
+
+def _kernel_model(x: np.ndarray, k: int, slices: int = 8) -> list[int]:
+    """The kernel's three steps in plain Python (same keys, sentinel padding, 8-slice tree merge, binary
+    search fallback, ordered compaction): checks the algorithm, not the CUDA code, where no GPU is lent."""
+    keys = order_keys(x)
+    c_num, p_num = keys.shape
+    if k <= 0:
+        return []
+    if k >= c_num:
+        return list(range(c_num))
+    flags = [0] * c_num
+    for p in range(p_num):
+        col = [int(v) for v in keys[:, p]]
+        if k <= 32:
+            cap = next(c for c in (1, 2, 4, 8, 16, 32) if k <= c)
+            lists = [[_SENTINEL] * (cap - k) + [_EMPTY] * k for _ in range(slices)]
+            for s in range(slices):
+                for c in range(s, c_num, slices):
+                    _insert(lists[s], col[c])
+            half = slices // 2
+            while half >= 1:
+                for s in range(half):
+                    for v in lists[s + half]:
+                        if v != _SENTINEL:
+                            _insert(lists[s], v)
+                half //= 2
+            for v in lists[0]:
+                if v not in (_SENTINEL, _EMPTY):
+                    flags[0x7FFFFFFF - (v & 0xFFFFFFFF)] = 1
+        else:
+            lo, hi = 0, 2**64 - 1
+            while lo < hi:
+                mid = lo + (hi - lo) // 2 + 1
+                if sum(v >= mid for v in col) >= k:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            for c, v in enumerate(col):
+                if v >= lo:
+                    flags[c] = 1
+    return [c for c in range(c_num) if flags[c]]
+
+
+@pytest.mark.parametrize(
+    "name,x,k",
+    [c for c in _random_cases() + _adversarial_cases() if c[1].size <= 40_000],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_kernel_algorithm_model_equals_the_rule(name, x, k):
+    assert _kernel_model(x, k) == topk_union_reference(x, k).tolist(), name
+
+
+# ------------------------------------------------------------------------------ (c) plugin-node ONNX
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from sed_export.config import load_model_config
+    from sed_export.model import build_model
+
+    m = build_model(load_model_config("sed-tiny"), seed=9)
+    with torch.no_grad():  # as in test_onnx: lets later CER points reject classes too
+        m.transformer.head1.bias.zero_()
+        m.transformer.head2.bias.zero_()
+    return m
+
+
+@pytest.fixture(scope="module")
+def decoder_graphs(tiny_model):
+    from sed_export.onnx_export import build_decoder_graph
+
+    return {p: build_decoder_graph(tiny_model, p) for p in ("fp32", "fp16")}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_plugin_variant_has_one_node_per_cer_point(decoder_graphs, precision):
+    from sed_export import onnx_plugin as op
+
+    std = decoder_graphs[precision]
+    before = std.SerializeToString()
+    plug = op.replace_cer_with_plugin(std)
+    assert std.SerializeToString() == before  # the standard-op twin is not modified
+    op.check_plugin_graph(plug)
+
+    nodes = op.plugin_nodes(plug)
+    assert [n.name for n in nodes] == ["cer0/TopkUnion", "cer1/TopkUnion", "cer2/TopkUnion"]
+    for i, n in enumerate(nodes):
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        assert n.domain == "sed" and n.op_type == "TopkUnion"
+        assert attrs == {"plugin_version": b"1", "plugin_namespace": b"sed", "opt_kept": 64}
+        assert list(n.input)[1] == "k" and list(n.output) == [f"keep{i}", f"cer{i}/kept_count"]
+    assert any(o.domain == "sed" and o.version == 1 for o in plug.opset_import)
+
+    # Nothing of the standard-op CER is left; the row gathers and everything else are.
+    cer_ops = {n.op_type for n in plug.graph.node if n.name.startswith("cer")}
+    assert cer_ops == {"TopkUnion", "Gather"}
+    assert not [n for n in plug.graph.node if n.op_type in ("TopK", "ScatterElements") and n.name.startswith("cer")]
+    others = [n for n in std.graph.node if not n.name.startswith("cer") or n.op_type == "Gather"]
+    assert [n.SerializeToString() for n in others] == [
+        n.SerializeToString() for n in plug.graph.node if n.op_type != "TopkUnion"
+    ]
+    assert std.graph.input == plug.graph.input and std.graph.output == plug.graph.output
+    # Each keep tensor still feeds the same three gathers.
+    for i in range(3):
+        readers = sorted(n.name for n in plug.graph.node if f"keep{i}" in n.input)
+        assert readers == [f"cer{i}/GatherAlive", f"cer{i}/GatherGuidance", f"cer{i}/GatherX"]
+    # Inputs of a plugin node: the aux logits of the preceding segment (fp32 in both precisions) and k.
+    producers = {o: n for n in plug.graph.node for o in n.output}
+    assert all(n.input[0] in producers for n in nodes)
+
+
+def test_plugin_rewrite_refuses_graphs_without_cer():
+    from sed_export.onnx_plugin import replace_cer_with_plugin
+
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="r")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    with pytest.raises(ValueError, match="no top-k-union subgraph"):
+        replace_cer_with_plugin(helper.make_model(g))
+
+
+def test_plugin_rewrite_refuses_a_live_internal_edge():
+    from sed_export.onnx_plugin import replace_cer_with_plugin
+
+    sub = topk_union_graph("scores", "k", "keep", prefix="cer")
+    leak = helper.make_node("Identity", ["cer/mask"], ["leak"], name="outside")
+    graph = helper.make_graph(
+        [*sub.nodes, leak],
+        "cer",
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["M", "P"]),
+            helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("keep", TensorProto.INT64, ["K"]),
+            helper.make_tensor_value_info("leak", TensorProto.FLOAT, ["M"]),
+        ],
+        sub.initializers,
+    )
+    with pytest.raises(ValueError, match="reads tensors inside"):
+        replace_cer_with_plugin(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_standard_op_twin_still_matches_the_reference_after_rewrite(tiny_model, decoder_graphs):
+    """The rewrite leaves the ONNX Runtime graph as it was: same kept sets as torch, same scores."""
+    from sed_export.onnx_plugin import replace_cer_with_plugin
+
+    std = decoder_graphs["fp32"]
+    replace_cer_with_plugin(std)
+    sess = ort.InferenceSession(std.SerializeToString(), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(3)
+    e = tiny_model.config.embed_dim
+    with torch.inference_mode():
+        feats = tiny_model.encode_image(torch.randn(1, 3, 768, 768, generator=gen))
+    text = torch.nn.functional.normalize(torch.randn(20, 80, e, generator=gen), dim=-1)
+    for k in (1, 2, 8):
+        with torch.inference_mode():
+            ref = tiny_model.decode(feats, text, topk=k)
+        feed = {
+            "dense": feats.dense.numpy(),
+            "text": text.numpy(),
+            "res4": feats.res4.numpy(),
+            "res3": feats.res3.numpy(),
+            "res2": feats.res2.numpy(),
+            "k": np.array([k], np.int64),
+        }
+        scores, *kept = sess.run(None, feed)
+        assert [x.tolist() for x in kept] == [x.tolist() for x in ref.kept]
+        np.testing.assert_allclose(scores, ref.scores.numpy(), atol=1e-3, rtol=0)
+
+
+# ------------------------------------------------------------------------------ (d) plugin build
+
+
+def _tensorrt_root() -> Path | None:
+    root = os.environ.get("TENSORRT_ROOT")
+    if root and (Path(root) / "include" / "NvInfer.h").exists():
+        return Path(root)
+    return None
+
+
+def test_cmake_configures_kernel_only_without_tensorrt(tmp_path):
+    cmake = shutil.which("cmake")
+    if cmake is None or shutil.which("nvcc") is None:
+        pytest.skip("cmake or nvcc not on PATH")
+    env = {k: v for k, v in os.environ.items() if k not in ("TENSORRT_ROOT", "TensorRT_INCLUDE_DIR")}
+    res = subprocess.run(
+        [cmake, "-S", str(KERNELS), "-B", str(tmp_path / "build"), "-DTENSORRT_ROOT=/nonexistent"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "TensorRT headers not found" in res.stdout + res.stderr
+    assert "kernel only" in res.stdout + res.stderr
+
+
+@pytest.mark.tensorrt
+def test_cmake_builds_the_plugin_library(tmp_path):
+    root = _tensorrt_root()
+    if root is None:
+        pytest.skip("TensorRT headers not found (set TENSORRT_ROOT)")
+    cmake = shutil.which("cmake")
+    if cmake is None or shutil.which("nvcc") is None:
+        pytest.skip("cmake or nvcc not on PATH")
+    build = tmp_path / "build"
+    cfg = subprocess.run([cmake, "-S", str(KERNELS), "-B", str(build), f"-DTENSORRT_ROOT={root}"],
+                         capture_output=True, text=True, timeout=300)
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    res = subprocess.run([cmake, "--build", str(build), "-j", "2"], capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout + res.stderr
+    libs = list(build.glob("libsed_topk_union_plugin.so*"))
+    assert libs
+    nm = shutil.which("nm")
+    if nm:
+        symbols = subprocess.run([nm, "-D", "--defined-only", str(libs[0])], capture_output=True, text=True).stdout
+        assert "getCreators" in symbols and "setLoggerFinder" in symbols
+
+
+# ------------------------------------------------------------------------------ (e) the kernel on a GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda unavailable)")
+
+
+@pytest.fixture(scope="module")
+def cuda_op():
+    from sed_export.cuda_ops import CudaOpUnavailable, topk_union_cuda
+
+    try:
+        from sed_export.cuda_ops import load_topk_union_op
+
+        load_topk_union_op()
+    except CudaOpUnavailable as exc:
+        pytest.skip(str(exc))
+    return topk_union_cuda
+
+
+def _gpu_cases() -> list[tuple[str, np.ndarray, int]]:
+    rng = np.random.default_rng(7)
+    cases = _random_cases() + _adversarial_cases()
+    for c in (1, 2, 847):
+        for p in (1, 576, 2304):
+            for k in (1, 2, 8, 32, 33, 847):
+                cases.append((f"c{c}-p{p}-k{k}", rng.standard_normal((c, p)).astype(np.float32), k))
+    cases.append(("large-p", rng.standard_normal((150, 9216)).astype(np.float32), 8))
+    cases.append(("fp16-large", rng.standard_normal((847, 9216)).astype(np.float16), 8))
+    return cases
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("name,x,k", _gpu_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_cuda_op_equals_the_rule(cuda_op, name, x, k):
+    got = cuda_op(torch.from_numpy(x).cuda(), k)
+    assert got.is_cuda and got.dtype == torch.int64
+    expected = topk_union_reference(x, k)
+    assert got.cpu().tolist() == expected.tolist(), name
+    if not _boundary_tie(x, k):  # where torch.topk is defined, it agrees too
+        assert got.cpu().tolist() == topk_union(torch.from_numpy(x).cuda(), k).cpu().tolist(), name
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_op_input_checks(cuda_op):
+    with pytest.raises(ValueError):
+        cuda_op(torch.zeros(3, 4, device="cuda"), 0)
+    with pytest.raises(ValueError):
+        cuda_op(torch.zeros(3, 4), 1)
+    with pytest.raises(ValueError):
+        cuda_op(torch.zeros(3, 4, device="cuda", dtype=torch.float64), 1)
+    x = torch.randn(20, 8, 8, device="cuda")[:, ::2]  # non-contiguous
+    assert cuda_op(x, 3).cpu().tolist() == topk_union_reference(x.cpu().numpy(), 3).tolist()
+
+
+@pytest.mark.slow
+def test_cuda_op_builds_without_a_gpu():
+    """Compile + load only (no launch): catches binding errors on CPU machines that have nvcc + CUDA torch."""
+    from sed_export.cuda_ops import build_problem, load_topk_union_op
+
+    problem = build_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    op = load_topk_union_op()
+    assert "topk_union(Tensor logits, int k) -> Tensor" in str(op.default._schema)
