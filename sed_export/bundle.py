@@ -24,6 +24,7 @@ from sed_runtime.vocab import Vocabulary
 from . import __version__
 
 Log = Callable[[str], None]
+EngineBuild = Callable[[Path, dict[str, Any], Log], dict[str, Any]]
 
 
 def _versions() -> dict[str, str]:
@@ -61,8 +62,13 @@ def build_bundle(
     allow_pickle: bool = False,
     progress: bool = True,
     log: Log = print,
+    engine_build: EngineBuild | None = None,
 ) -> Path:
-    """Export encoder, decoder and text encoder ONNX, the tokenizer and `vocab`'s embeddings; return `out`."""
+    """Export encoder, decoder and text encoder ONNX, the tokenizer and `vocab`'s embeddings; return `out`.
+
+    `engine_build(folder, graphs, log)` runs on the finished ONNX files inside the temporary folder and returns
+    the manifest's `engines` section (TensorRT plans), so plans share the bundle's all-or-nothing write.
+    """
     import onnx
     import open_clip
     from safetensors.numpy import save_file
@@ -124,6 +130,7 @@ def build_bundle(
             metadata={"vocabulary": vocab.name, "digest": vocab.digest()},
         )
         log(f"text embeddings {time.perf_counter() - t0:5.1f} s ({len(vocab)} classes)")
+        engines = engine_build(tmp, graphs, log) if engine_build is not None else None
 
         s = config.sed
         manifest = {
@@ -132,7 +139,7 @@ def build_bundle(
             "weights": weights,
             "precision": precision,
             "opset": OPSET,
-            "engine": "onnx",
+            "engine": engines["engine"] if engines else "onnx",
             "producer": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "input": {
@@ -145,6 +152,7 @@ def build_bundle(
             "templates": list(model.templates),
             "tokenizer": "tokenizer.json",
             "graphs": graphs,
+            **({"engines": engines} if engines else {}),
             "vocabulary": {
                 "name": vocab.name,
                 "classes": list(vocab.classes),

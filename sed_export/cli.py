@@ -1,9 +1,10 @@
-"""`sed-export`: inspect models and checkpoints, precompute text embeddings (ONNX/TensorRT builds come next)."""
+"""`sed-export`: inspect models and checkpoints, precompute text embeddings, build ONNX/TensorRT bundles."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -83,27 +84,64 @@ def build(
     model: Annotated[str, typer.Option(help="Built-in model name or model JSON file.")] = "sed-tiny",
     checkpoint: Annotated[Optional[Path], typer.Option(help="Official checkpoint (random weights otherwise).")] = None,
     precision: Annotated[str, typer.Option(help="fp32 or fp16 (norms and CER ranking stay fp32).")] = "fp32",
-    engine: Annotated[str, typer.Option(help="What to build: onnx (auto = onnx in this version).")] = "auto",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="auto (TensorRT plans when tensorrt and a GPU are present, else ONNX only), onnx, tensorrt, "
+            "or tensorrt-rtx (plans for the TensorRT-RTX runtime; builds on a CPU)."
+        ),
+    ] = "auto",
+    max_classes: Annotated[
+        int, typer.Option(help="Largest vocabulary the decoder plan accepts (profile N = 1..this).")
+    ] = 1024,
+    workspace: Annotated[
+        Optional[float], typer.Option(help="TensorRT workspace limit in GiB (default: TensorRT's, all memory).")
+    ] = None,
+    timing_cache: Annotated[
+        Optional[Path], typer.Option(help="TensorRT timing cache file (default engines/.timing-cache/...).")
+    ] = None,
+    plugin_lib: Annotated[
+        Optional[Path], typer.Option(help="Top-k-union plugin library: build the decoder plan with plugin CER nodes.")
+    ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Bundle folder (default engines/<model>-<precision>).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Export a bundle: encoder.onnx, decoder.onnx (CER inside), text_encoder.onnx, tokenizer, embeddings, manifest."""
+    """Export a bundle: encoder/decoder/text_encoder ONNX, tokenizer, embeddings, manifest, and TensorRT plans."""
     from sed_runtime.errors import SedUserError
     from sed_runtime.vocab import load_vocabulary
 
     from .bundle import build_bundle
     from .config import load_model_config
+    from .trt_build import EngineOptions, build_plans, resolve_engine
+    from .trt_profiles import class_range
 
-    if engine not in ("auto", "onnx"):
-        raise SedUserError(
-            f"--engine {engine}: TensorRT engine building is not part of this version; use --engine onnx "
-            "and run the ONNX bundle with ONNX Runtime"
-        )
     if (vocab is None) == (classes is None):
         raise SedUserError("pass exactly one of --vocab (e.g. ade150) or --classes 'cat; dog'")
     vocabulary = load_vocabulary(vocab, classes=classes)
+    if workspace is not None and workspace <= 0:
+        raise SedUserError(f"--workspace must be a positive number of GiB, got {workspace}")
+    choice = resolve_engine(engine)  # an explicit engine that cannot build fails here, before any export
+    if plugin_lib is not None:
+        if choice.engine is None:
+            raise SedUserError("--plugin-lib builds a TensorRT decoder plan; pass --engine tensorrt (or tensorrt-rtx)")
+        if not plugin_lib.is_file():
+            raise SedUserError(f"--plugin-lib {plugin_lib} not found; build the plugin library first")
+    engine_build = None
+    if choice.engine is not None:
+        class_range(len(vocabulary), max_classes)  # a vocabulary the profile cannot cover fails before export
+        opts = EngineOptions(
+            engine=choice.engine,
+            max_classes=max_classes,
+            workspace_bytes=None if workspace is None else int(workspace * 2**30),
+            timing_cache=timing_cache,
+            plugin_lib=plugin_lib,
+        )
+
+        def engine_build(folder: Path, graphs: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+            return build_plans(opts, folder, graphs, len(vocabulary), precision, log)
+
     config = load_model_config(model)
     target = out or Path("engines") / f"{config.name}-{precision}"
     build_bundle(
@@ -115,8 +153,11 @@ def build(
         force=force,
         allow_pickle=allow_pickle,
         progress=progress,
+        engine_build=engine_build,
     )
     print(f"bundle written to {target}")
+    if choice.note:
+        print(f"{choice.note}; the ONNX bundle runs with --backend ort")
 
 
 @app.command()
