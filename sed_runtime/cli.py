@@ -24,7 +24,7 @@ def infer(
         list[str],
         typer.Argument(
             help="[BUNDLE] IMAGE...: an optional bundle (its folder or any file in it, e.g. "
-            "engines/sed-b-fp16/encoder.onnx), then image files, folders or globs.",
+            "engines/sed-b-fp16/encoder.plan), then image files, folders or globs.",
             metavar="[BUNDLE] IMAGE...",
         ),
     ],
@@ -49,7 +49,13 @@ def infer(
         Optional[Path], typer.Option(help="Official SED .pth checkpoint. Without it the weights are random.")
     ] = None,
     topk: Annotated[str, typer.Option(help="Classes kept per pixel at each CER point, or 'all'.")] = "8",
-    backend: Annotated[str, typer.Option(help="auto (ort for a bundle, torch otherwise), ort or torch.")] = "auto",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="auto (trt for a bundle with TensorRT plans on a GPU with TensorRT, ort for other bundles, torch "
+            "otherwise), ort, trt or torch."
+        ),
+    ] = "auto",
     device: Annotated[str, typer.Option(help="Torch device for --backend torch (cpu, cuda).")] = "cpu",
     providers: Annotated[str, typer.Option(help="ONNX Runtime providers: cpu, auto, cuda, tensorrt.")] = "cpu",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..errors import SedUserError
@@ -9,7 +10,7 @@ from .base import Backend, BackendResult, InputSpec
 
 __all__ = ["Backend", "BackendResult", "InputSpec", "make_backend", "BACKENDS"]
 
-BACKENDS = ("auto", "ort", "torch")
+BACKENDS = ("auto", "ort", "trt", "torch")
 
 
 def make_backend(
@@ -22,11 +23,26 @@ def make_backend(
     providers: str = "cpu",
     allow_pickle: bool = False,
 ) -> Backend:
-    """auto: ONNX Runtime for a bundle, the PyTorch reference for a model name or config."""
+    """auto: TensorRT for a bundle with plans (when their TensorRT and a GPU are here), else ONNX Runtime for a
+    bundle, the PyTorch reference for a model name or config."""
     if backend not in BACKENDS:
         raise SedUserError(f"unknown --backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = "ort" if bundle is not None else "torch"
+        if bundle is not None:
+            from .trt_backend import auto_backend
+
+            backend, why = auto_backend(bundle)
+            if why:
+                print(f"note: {why}; running ONNX Runtime (--backend ort)", file=sys.stderr)
+    if backend == "trt":
+        if bundle is None:
+            raise SedUserError(
+                "--backend trt runs a bundle's plans: build one with `sed-export build --engine tensorrt`"
+            )
+        from .trt_backend import TrtBackend
+
+        return TrtBackend(bundle)
     if backend == "ort":
         if bundle is None:
             raise SedUserError("--backend ort runs a bundle: build one with `sed-export build` and pass its folder")
