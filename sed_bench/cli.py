@@ -33,7 +33,8 @@ def main(
         help="Bundle folder from `sed-export build` (ort runs it; torch runs the model it was built from).")] = None,
     model: Annotated[str, typer.Option(help="Built-in model or model JSON file (without a bundle).")] = "sed-tiny",
     checkpoint: Annotated[Optional[Path], typer.Option(help="Official checkpoint (random weights otherwise).")] = None,
-    backend: Annotated[str, typer.Option(help="torch, ort or both: torch,ort (trt: not yet).")] = "torch",
+    backend: Annotated[str, typer.Option(
+        help="torch, ort, trt (a bundle with TensorRT plans), or several: torch,ort.")] = "torch",
     vocabs: Annotated[str, typer.Option(help="Comma-separated built-in names or class-list files.")] = "voc20",
     topk: Annotated[str, typer.Option(help="Comma-separated k values; 'all' = every class, no CER.")] = "1,2,4,8,all",
     images: Annotated[Optional[str], typer.Option(

@@ -13,7 +13,7 @@ from sed_runtime.vocab import Vocabulary, load_vocabulary
 
 from .paper import PAPER_COLUMNS, paper_kept
 
-BACKEND_CHOICES = ("torch", "ort")
+BACKEND_CHOICES = ("torch", "ort", "trt")
 KEPT_PAPER = "paper"
 
 
@@ -42,16 +42,13 @@ class Cell:
 
 
 def parse_backends(spec: str) -> list[str]:
-    """`--backend torch,ort`: known backends in the given order; trt is refused (not built yet)."""
+    """`--backend torch,ort,trt`: known backends in the given order (tensorrt is an alias of trt)."""
     names = [s.strip().lower() for s in spec.split(",") if s.strip()]
     if not names:
-        raise SedUserError("--backend needs at least one of torch, ort")
+        raise SedUserError("--backend needs at least one of torch, ort, trt")
     out: list[str] = []
     for name in names:
-        if name in ("trt", "tensorrt"):
-            raise SedUserError(
-                "--backend trt: the TensorRT backend does not exist yet (future work); use --backend torch or ort"
-            )
+        name = "trt" if name == "tensorrt" else name
         if name not in BACKEND_CHOICES:
             raise SedUserError(f"unknown --backend {name!r}; choose from {', '.join(BACKEND_CHOICES)}")
         if name not in out:

@@ -114,6 +114,10 @@ class _Backends:
                              allow_pickle=cfg.allow_pickle)
             b.cuda_events = True  # type: ignore[attr-defined]
             return b
+        if name == "trt":
+            from sed_runtime.backends import make_backend
+
+            return make_backend("trt", bundle=cfg.bundle)
         from sed_runtime.backends.ort_backend import OrtBackend
         from sed_runtime.bundle import Bundle
 
@@ -171,7 +175,7 @@ class _Backends:
 
 
 def _precision(backend: Backend) -> str:
-    if backend.name == "ort":
+    if backend.name in ("ort", "trt"):
         return str(backend.bundle.manifest["precision"])  # type: ignore[attr-defined]
     return "fp32"
 
@@ -187,6 +191,12 @@ def run_bench(
     from sed_runtime.pipeline import SedPipeline
     from sed_runtime.preprocess import load_image
 
+    if "trt" in cfg.backends and cfg.bundle is None:
+        raise SedUserError("--backend trt runs a bundle's plans: pass a BUNDLE built with "
+                           "`sed-export build --engine tensorrt`")
+    if "trt" in cfg.backends and cfg.kept_spec is not None:  # forcing would need a plan of the forced graph
+        raise SedUserError("--kept is not supported with --backend trt; use real mode (official checkpoint and "
+                           "--images) or --backend torch,ort")
     images = [load_image(p) for p in cfg.images]
     if cfg.threads:
         import importlib.util
@@ -301,6 +311,8 @@ class _CellRunner:
             self.backend.cer_select = None if forced is None else torch_selector(forced)  # type: ignore[attr-defined]
             return ""
         b: Any = self.backend
+        if self.name == "trt":  # run_bench refuses --kept for trt up front
+            return ""
         if forced is None:
             b.decoder, b.extra_decoder_inputs = self._production, {}
             return "production"

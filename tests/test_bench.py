@@ -53,7 +53,8 @@ def test_parse_grid_arguments(classes3: Path) -> None:
     assert parse_kept("48,40,32") == (48, 40, 32)
     labels = [label for label, _ in parse_vocabs(f"voc20,{classes3},{classes3}")]
     assert labels == ["voc20", "three", "three-1"]
-    for bad, fn in [("trt", parse_backends), ("onnx", parse_backends), ("0", parse_topks), ("x", parse_topks),
+    assert parse_backends("tensorrt,ort") == ["trt", "ort"]
+    for bad, fn in [("onnx", parse_backends), ("0", parse_topks), ("x", parse_topks),
                     ("1,2", parse_kept), ("8,4,2,1", parse_kept), ("0,0,0", parse_kept), ("2,4,8", parse_kept),
                     ("a,b,c", parse_kept), ("nope_vocab", parse_vocabs)]:
         with pytest.raises(SedUserError):
@@ -113,7 +114,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, classes3: Path) -> Non
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2, (args, r.stderr)
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
-    assert "TensorRT backend does not exist yet" in _bench("--backend", "torch,trt").stderr
+    assert "pass a BUNDLE built with `sed-export build --engine tensorrt`" in _bench("--backend", "torch,trt").stderr
     assert not any(existing.iterdir())
 
 
