@@ -282,6 +282,8 @@ def build_engine(
         for r in prof.shapes:
             p.set_shape(r.name, trt.Dims(list(r.min)), trt.Dims(list(r.opt)), trt.Dims(list(r.max)))
         for r in prof.values:
+            if r.name not in shape_inputs:  # e.g. k of the plugin-node decoder: read on the GPU, no range needed
+                continue
             p.set_shape_input(r.name, list(r.min), list(r.opt), list(r.max))
         if config.add_optimization_profile(p) < 0:
             raise SedUserError(f"{onnx_path.name}: TensorRT refused the optimisation profile {prof.to_json()}")

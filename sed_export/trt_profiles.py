@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sed_runtime.errors import SedUserError
+from sed_runtime.profile_checks import check_classes, out_of_profile_message  # noqa: F401  (re-exported)
 
 N_MIN = 1
 N_MAX = 1024  # covers ade847 (the largest shipped vocabulary) with room for user lists
@@ -151,18 +152,3 @@ def check_network_inputs(
                     )
     if not profiles and any(any(d < 0 for d in dims) for dims in inputs.values()):
         raise SedUserError(f"{what}: the graph has dynamic inputs but no optimisation profile was given")
-
-
-def out_of_profile_message(n: int, lo: int, hi: int, plan: str) -> str:
-    """The one line for a vocabulary whose size the plan cannot run (shared by builder docs and runtime)."""
-    return (
-        f"the vocabulary has {n} classes but {plan} accepts {lo}..{hi} classes (its TensorRT profile); "
-        f"rebuild with `sed-export build --engine ... --max-classes {max(n, hi)}` or run with --backend ort"
-    )
-
-
-def check_classes(n: int, classes: Mapping[str, int], plan: str = "the decoder plan") -> None:
-    """Refuse a class count outside the recorded profile range before TensorRT sees it."""
-    lo, hi = int(classes["min"]), int(classes["max"])
-    if not lo <= n <= hi:
-        raise SedUserError(out_of_profile_message(n, lo, hi, plan))

@@ -532,8 +532,15 @@ class TrtBackend(Backend):
         self._dec_ctx = ctx
         for name in ("dense", "res4", "res3", "res2"):  # encoder outputs feed the decoder in place
             ctx.set_tensor_address(name, self._enc_buffers[name])
-        self._k_host = np.zeros(1, np.int64)  # shape input: host memory, read at enqueue
-        ctx.set_tensor_address("k", self._k_host.ctypes.data)
+        self._k_host = np.zeros(1, np.int64)
+        # Standard-op decoder: k sizes TopK, so it is a shape input TensorRT reads from host memory at enqueue.
+        # Plugin-node decoder: only the plugin reads k, on the GPU, so it needs a device copy.
+        self._k_dev: _DeviceBuffer | None = None
+        if self._decoder.is_shape_inference_io("k"):
+            ctx.set_tensor_address("k", self._k_host.ctypes.data)
+        else:
+            self._k_dev = _DeviceBuffer(self._cuda)
+            ctx.set_tensor_address("k", self._k_dev.ensure(self._k_host.nbytes))
         self._text_dev = _DeviceBuffer(self._cuda)
         self._text_host = _HostBuffer(self._cuda)
         self._text_key: tuple[int, tuple[int, ...]] | None = None
@@ -549,7 +556,7 @@ class TrtBackend(Backend):
         return self.bundle.input_spec
 
     def text_embeddings(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
-        from sed_export.trt_profiles import check_classes
+        from ..profile_checks import check_classes
 
         check_classes(len(vocab), self.record.classes, "this bundle's decoder.plan")
         try:
@@ -562,7 +569,7 @@ class TrtBackend(Backend):
         return emb
 
     def infer(self, image: np.ndarray, text: np.ndarray, topk: int | None) -> BackendResult:
-        from sed_export.trt_profiles import check_classes
+        from ..profile_checks import check_classes
 
         n = int(text.shape[0])
         check_classes(n, self.record.classes, "this bundle's decoder.plan")
@@ -595,6 +602,8 @@ class TrtBackend(Backend):
         if not ctx.set_input_shape("text", tuple(text.shape)):
             raise SedUserError(f"decoder.plan refuses text of shape {text.shape}; rebuild the bundle")
         self._k_host[0] = n if topk is None else min(topk, n)
+        if self._k_dev is not None:
+            cuda.h2d(self._k_dev.ptr, self._k_host.ctypes.data, self._k_host.nbytes, stream)
         static, dynamic = plan_buffers(self._io(self._decoder, ctx))
         for name, nbytes in static.items():
             if name in ("dense", "res4", "res3", "res2", "text"):
@@ -652,7 +661,7 @@ class TrtBackend(Backend):
             self._cuda.sync(self._stream)
             for ptr in self._enc_buffers.values():
                 self._cuda.free(ptr)
-            for b in (*self._static_out.values(), self._text_dev):
+            for b in (*self._static_out.values(), self._text_dev, *([self._k_dev] if self._k_dev else [])):
                 b.close()
             for h in (*self._out_host.values(), self._text_host, self._image_host):
                 h.close()
