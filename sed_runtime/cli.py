@@ -58,6 +58,10 @@ def infer(
     ] = "auto",
     device: Annotated[str, typer.Option(help="Torch device for --backend torch (cpu, cuda).")] = "cpu",
     providers: Annotated[str, typer.Option(help="ONNX Runtime providers: cpu, auto, cuda, tensorrt.")] = "cpu",
+    low_memory: Annotated[
+        bool, typer.Option("--low-memory", help="ONNX Runtime: no CPU memory arena for the decoder (about half "
+                           "the peak RSS for large vocabularies with --topk all; somewhat slower).")
+    ] = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out"),
     save_npz: Annotated[
         bool, typer.Option("--save-npz", help="Also write scores, seg and kept indices (npz).")
@@ -116,6 +120,7 @@ def infer(
         device=device,
         providers=providers,
         allow_pickle=allow_pickle,
+        low_memory=low_memory,
     )
     if "random" in str(engine.describe().get("weights", "")):
         console.print("note: random weights (no checkpoint), so the masks are random", markup=False)

@@ -217,3 +217,24 @@ def test_bad_build_arguments(env, tmp_path):
     ]:
         r = run("sed-export", "build", *args, "--out", str(tmp_path / "x"), env=env)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_low_memory_decoder_gives_identical_results(bundle, env, monkeypatch):
+    """--low-memory only changes ONNX Runtime's allocator, never the numbers."""
+    monkeypatch.setenv("SED_CACHE_DIR", env["SED_CACHE_DIR"])
+    from sed_runtime.backends.ort_backend import OrtBackend
+    from sed_runtime.pipeline import SedPipeline
+
+    a = SedPipeline(OrtBackend(bundle), _bundle_vocab(bundle), topk=2, progress=False)(IMAGE)
+    lean = OrtBackend(bundle, low_memory=True)
+    assert lean.describe()["low_memory"] is True
+    b = SedPipeline(lean, _bundle_vocab(bundle), topk=2, progress=False)(IMAGE)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.seg, b.seg)
+
+
+def _bundle_vocab(bundle):
+    from sed_runtime.vocab import Vocabulary
+
+    voc = json.loads((bundle / "manifest.json").read_text())["vocabulary"]
+    return Vocabulary(voc["name"], tuple(voc["classes"]))

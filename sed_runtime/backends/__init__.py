@@ -22,6 +22,7 @@ def make_backend(
     device: str = "cpu",
     providers: str = "cpu",
     allow_pickle: bool = False,
+    low_memory: bool = False,
 ) -> Backend:
     """auto: TensorRT for a bundle with plans (when their TensorRT and a GPU are here), else ONNX Runtime for a
     bundle, the PyTorch reference for a model name or config."""
@@ -48,7 +49,7 @@ def make_backend(
             raise SedUserError("--backend ort runs a bundle: build one with `sed-export build` and pass its folder")
         from .ort_backend import OrtBackend
 
-        return OrtBackend(bundle, providers=providers)
+        return OrtBackend(bundle, providers=providers, low_memory=low_memory)
     from .torch_backend import TorchBackend
 
     if bundle is not None:  # the reference model the bundle was exported from

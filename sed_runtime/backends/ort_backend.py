@@ -36,12 +36,15 @@ def _providers(choice: str) -> list[str]:
     return [wanted, "CPUExecutionProvider"]
 
 
-def _session(path: Path, providers: list[str], threads: int | None) -> Any:
+def _session(path: Path, providers: list[str], threads: int | None, arena: bool = True) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    # Without the CPU arena, freed intermediates go back to the system: about half the decoder's peak RSS for
+    # large N with every class kept, for some speed (see README, --low-memory).
+    opts.enable_cpu_mem_arena = arena
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:  # ORT raises its own exception types for broken graphs
@@ -54,7 +57,10 @@ class OrtBackend(Backend):
 
     name = "ort"
 
-    def __init__(self, bundle: Bundle | str | Path, *, providers: str = "cpu", threads: int | None = None) -> None:
+    def __init__(
+        self, bundle: Bundle | str | Path, *, providers: str = "cpu", threads: int | None = None,
+        low_memory: bool = False,
+    ) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -63,7 +69,8 @@ class OrtBackend(Backend):
         self.providers = _providers(providers)
         self.threads = threads
         self.encoder = _session(self.bundle.path("encoder"), self.providers, threads)
-        self.decoder = _session(self.bundle.path("decoder"), self.providers, threads)
+        self.decoder = _session(self.bundle.path("decoder"), self.providers, threads, arena=not low_memory)
+        self.low_memory = low_memory
         self._text_session: Any = None
         self._ort_version = ort.__version__
         # Benchmark hook (sed-bench --kept), empty by default: extra inputs of a bench-only decoder graph variant.
@@ -133,6 +140,7 @@ class OrtBackend(Backend):
             "bundle": str(self.bundle.root),
             "precision": self.bundle.manifest["precision"],
             "providers": self.providers,
+            "low_memory": self.low_memory,
             "checkpoint_sha256": w.get("checkpoint_sha256"),
             "weights": "checkpoint" if w.get("source") == "checkpoint" else "random (no --checkpoint)",
             "onnxruntime": self._ort_version,
