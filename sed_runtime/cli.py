@@ -138,7 +138,8 @@ def infer(
         write_outputs(result, image, files, extra)
         present = ", ".join(c["name"].split(", ")[0] for c in result.classes_present()[:5])
         console.print(
-            f"{path}: {result.timings_ms['total']:.0f} ms, top classes: {present} -> {files['overlay']}", markup=False
+            f"{path}: {result.timings_ms['total']:.0f} ms, top classes: {present} -> {files['overlay']}", markup=False,
+            soft_wrap=True,  # one line per image, also when piped (rich would wrap at 80 columns)
         )
 
 

@@ -18,8 +18,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
+# Optional dependencies -> the extra that installs them (a missing one is the user's setup, not a bug).
+EXTRA_OF_MODULE = {
+    "torch": "export", "torchvision": "export", "open_clip": "export", "timm": "export", "regex": "export",
+    "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "tokenizers": "onnx", "ftfy": "onnx",
+    "matplotlib": "bench",
+}
+
+
 def user_errors(fn: F) -> F:
-    """Turn SedUserError into `error: <message>` on stderr and exit code 2, with no traceback."""
+    """Turn SedUserError (and a missing optional dependency) into one `error:` line on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -27,6 +35,13 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except SedUserError as e:
             print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        except ModuleNotFoundError as e:
+            top = (e.name or "").split(".")[0]
+            if top not in EXTRA_OF_MODULE:
+                raise
+            print(f"error: this command needs {top}, which is not installed: "
+                  f"pip install 'sed-deploy[{EXTRA_OF_MODULE[top]}]'", file=sys.stderr)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

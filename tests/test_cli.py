@@ -193,3 +193,24 @@ def test_help_is_fast_and_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     for tool in ("sed-export", "sed-bench"):
         assert run(tool, "--help").returncode == 0
+
+
+def test_missing_extra_is_one_line_exit_2(tmp_path) -> None:
+    """`sed-export build` on a torch-free install names the extra to install instead of a traceback."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        for name in ("torch", "open_clip", "timm"):
+            sys.modules[name] = None  # as if the export extra were not installed
+        from sed_export.cli import app
+        sys.argv = ["sed-export", "build", "--vocab", "voc20", "--out", {str(tmp_path / "b")!r}]
+        app()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "pip install 'sed-deploy[export]'" in lines[0]
+    assert not (tmp_path / "b").exists()
