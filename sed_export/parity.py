@@ -12,7 +12,7 @@ from sed_runtime.backends.ort_backend import OrtBackend
 from sed_runtime.bundle import Bundle
 from sed_runtime.cli_common import parse_topk
 from sed_runtime.postprocess import segment
-from sed_runtime.preprocess import load_image, preprocess
+from sed_runtime.preprocess import load_image
 from sed_runtime.vocab import Vocabulary, load_vocabulary
 
 SCORE_TOLERANCE = {"fp32": 1e-3}  # max abs difference of probabilities
@@ -73,15 +73,7 @@ def compare_bundle(
     ort_backend = OrtBackend(bundle)
     ref = make_backend("torch", bundle=bundle.root, checkpoint=checkpoint, allow_pickle=allow_pickle)
     img = load_image(image)
-    spec = ref.input_spec
-    pre = preprocess(
-        img,
-        pixel_mean=spec.pixel_mean,
-        pixel_std=spec.pixel_std,
-        input_size=spec.input_size,
-        min_size=spec.min_size,
-        max_size=spec.max_size,
-    )
+    pre = ref.input_spec.preprocess(img)
     text = ref.text_embeddings(vocabulary, progress=False)
     text_ort = ort_backend.text_embeddings(vocabulary, progress=False)
     a = ref.infer(pre.tensor, text, k)

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from sed_runtime.backends.trt_backend import RUNTIME_MODULES
 from sed_runtime.bundle import sha256_file
 from sed_runtime.errors import SedUserError
 
@@ -32,11 +33,9 @@ Log = Callable[[str], None]
 
 ENGINES = ("tensorrt", "tensorrt-rtx")
 ENGINE_CHOICES = ("auto", "onnx", *ENGINES)
-# import names, first match wins; the RTX wheels name their module tensorrt_rtx_bindings
-MODULES: dict[str, tuple[str, ...]] = {
-    "tensorrt": ("tensorrt",),
-    "tensorrt-rtx": ("tensorrt_rtx_bindings", "tensorrt_rtx"),
-}
+# import names, first match wins (the RTX wheels name their module tensorrt_rtx_bindings); the runtime's table,
+# so a plan is always loaded by the module flavour that built it
+MODULES = RUNTIME_MODULES
 INSTALL_HINTS = {
     "tensorrt": "pip install tensorrt (NVIDIA's index; needs a CUDA GPU to build)",
     "tensorrt-rtx": "pip install 'sed-deploy[rtx]' (tensorrt-rtx-cu13-libs + tensorrt-rtx-cu13-bindings)",

@@ -11,7 +11,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .postprocess import class_fractions, segment
-from .preprocess import load_image, preprocess
+from .preprocess import load_image
 from .vocab import Vocabulary
 
 
@@ -88,14 +88,7 @@ class SedPipeline:
         img = load_image(image) if isinstance(image, (str, Path)) else image
         spec = self.backend.input_spec
         t0 = time.perf_counter()
-        pre = preprocess(
-            img,
-            pixel_mean=spec.pixel_mean,
-            pixel_std=spec.pixel_std,
-            input_size=spec.input_size,
-            min_size=spec.min_size,
-            max_size=spec.max_size,
-        )
+        pre = spec.preprocess(img)
         timings = {"preprocess": (time.perf_counter() - t0) * 1e3}
         result = self.backend.infer(pre.tensor, self.text, self.topk)
         timings.update(result.timings_ms)

@@ -26,6 +26,13 @@ class InputSpec:
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
 
+    def preprocess(self, image: np.ndarray) -> Any:
+        """The official test-time preprocessing with these settings (a `sed_runtime.preprocess.Preprocessed`)."""
+        from ..preprocess import preprocess
+
+        return preprocess(image, pixel_mean=self.pixel_mean, pixel_std=self.pixel_std, input_size=self.input_size,
+                          min_size=self.min_size, max_size=self.max_size)
+
 
 @dataclass
 class BackendResult:
