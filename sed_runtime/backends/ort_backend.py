@@ -52,6 +52,51 @@ def _session(path: Path, providers: list[str], threads: int | None, arena: bool 
         raise SedUserError(f"{path} cannot be loaded by ONNX Runtime ({first}); rebuild the bundle") from None
 
 
+class BundleText:
+    """A bundle's text path, shared by the ONNX Runtime and TensorRT backends: the bundled embeddings, then the
+    cache, then tokenizer.json + text_encoder.onnx on ONNX Runtime (loaded only when a new vocabulary needs it)."""
+
+    def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int | None = None) -> None:
+        self.bundle = bundle
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.threads = threads
+        self._session: Any = None
+
+    def embeddings(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
+        bundled = self.bundle.bundled_embeddings()
+        if bundled is not None and bundled[0] == vocab.classes:
+            return self._checked(bundled[2], vocab)
+        from ..text_cache import TextEmbeddingCache, text_cache_key
+
+        weights = self.bundle.manifest["weights"]
+        key = text_cache_key(self.bundle.model_name, weights["text_tower_digest"], self.bundle.templates, vocab.classes)
+        cache = TextEmbeddingCache()
+        hit = cache.get(key)
+        if hit is not None:
+            return self._checked(hit, vocab)
+        from ..text_onnx import encode_vocabulary_onnx
+        from ..tokenizer import ClipTokenizer
+
+        if self._session is None:
+            self._session = _session(self.bundle.path("text_encoder"), self.providers, self.threads)
+        tokenizer = ClipTokenizer.from_file(self.bundle.root / self.bundle.manifest["tokenizer"])
+        emb = encode_vocabulary_onnx(self._session, tokenizer, vocab, self.bundle.templates, progress=progress)
+        try:
+            cache.put(key, emb, {"model": self.bundle.model_name, "vocabulary": vocab.name})
+        except OSError:
+            pass  # an unwritable cache only costs time next run
+        return self._checked(emb, vocab)
+
+    def _checked(self, emb: np.ndarray, vocab: Vocabulary) -> np.ndarray:
+        want = (len(vocab), len(self.bundle.templates), self.bundle.embed_dim)
+        if emb.ndim != 3 or emb.shape[1:] != want[1:]:
+            raise SedUserError(
+                f"text embeddings for {vocab.name} have shape {emb.shape}, but this {self.bundle.model_name} "
+                f"bundle needs N x {want[1]} x {want[2]}; embed the vocabulary with this bundle's model"
+            )
+        return np.ascontiguousarray(emb, dtype=np.float32)
+
+
 class OrtBackend(Backend):
     """Encoder + decoder graphs of a bundle in ONNX Runtime; text embeddings from the bundle or its text encoder."""
 
@@ -71,7 +116,7 @@ class OrtBackend(Backend):
         self.encoder = _session(self.bundle.path("encoder"), self.providers, threads)
         self.decoder = _session(self.bundle.path("decoder"), self.providers, threads, arena=not low_memory)
         self.low_memory = low_memory
-        self._text_session: Any = None
+        self.text_path = BundleText(self.bundle, self.providers, threads)
         self._ort_version = ort.__version__
         # Benchmark hook (sed-bench --kept), empty by default: extra inputs of a bench-only decoder graph variant.
         self.extra_decoder_inputs: dict[str, np.ndarray] = {}
@@ -81,38 +126,7 @@ class OrtBackend(Backend):
         return self.bundle.input_spec
 
     def text_embeddings(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
-        bundled = self.bundle.bundled_embeddings()
-        if bundled is not None and bundled[0] == vocab.classes:
-            return self._checked(bundled[2], vocab)
-        from ..text_cache import TextEmbeddingCache, text_cache_key
-
-        weights = self.bundle.manifest["weights"]
-        key = text_cache_key(self.bundle.model_name, weights["text_tower_digest"], self.bundle.templates, vocab.classes)
-        cache = TextEmbeddingCache()
-        hit = cache.get(key)
-        if hit is not None:
-            return self._checked(hit, vocab)
-        from ..text_onnx import encode_vocabulary_onnx
-        from ..tokenizer import ClipTokenizer
-
-        if self._text_session is None:
-            self._text_session = _session(self.bundle.path("text_encoder"), self.providers, self.threads)
-        tokenizer = ClipTokenizer.from_file(self.bundle.root / self.bundle.manifest["tokenizer"])
-        emb = encode_vocabulary_onnx(self._text_session, tokenizer, vocab, self.bundle.templates, progress=progress)
-        try:
-            cache.put(key, emb, {"model": self.bundle.model_name, "vocabulary": vocab.name})
-        except OSError:
-            pass  # an unwritable cache only costs time next run
-        return self._checked(emb, vocab)
-
-    def _checked(self, emb: np.ndarray, vocab: Vocabulary) -> np.ndarray:
-        want = (len(vocab), len(self.bundle.templates), self.bundle.embed_dim)
-        if emb.ndim != 3 or emb.shape[1:] != want[1:]:
-            raise SedUserError(
-                f"text embeddings for {vocab.name} have shape {emb.shape}, but this {self.bundle.model_name} "
-                f"bundle needs N x {want[1]} x {want[2]}; embed the vocabulary with this bundle's model"
-            )
-        return np.ascontiguousarray(emb, dtype=np.float32)
+        return self.text_path.embeddings(vocab, progress=progress)
 
     def infer(self, image: np.ndarray, text: np.ndarray, topk: int | None) -> BackendResult:
         timings: dict[str, float] = {}

@@ -400,20 +400,6 @@ def _make_logger(trt: Any) -> Any:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _text_helper(bundle: Bundle) -> Any:
-    """The ONNX Runtime backend's text path (bundled embeddings, cache, bundled text encoder), without its graphs."""
-    from .ort_backend import OrtBackend
-
-    class _TextOnly(OrtBackend):
-        def __init__(self, b: Bundle) -> None:  # no encoder/decoder sessions: only text_embeddings is used
-            self.bundle = b
-            self.providers = ["CPUExecutionProvider"]
-            self.threads = None
-            self._text_session = None
-
-    return _TextOnly(bundle)
-
-
 class TrtBackend(Backend):
     """encoder.plan -> decoder.plan on one stream; checks everything it can before TensorRT sees a byte."""
 
@@ -448,7 +434,9 @@ class TrtBackend(Backend):
                                    f"it must be built against {trt.__name__} {self.record.version}")
         self._encoder: tensorrt.ICudaEngine = self._deserialize("encoder")
         self._decoder: tensorrt.ICudaEngine = self._deserialize("decoder")
-        self._text = _text_helper(self.bundle)
+        from .ort_backend import BundleText
+
+        self._text = BundleText(self.bundle)
         self._closed = False
         self._stream = self._cuda.call(self._cuda.rt.cudaStreamCreate())
         self._setup_encoder(cuda_graph)
@@ -560,7 +548,7 @@ class TrtBackend(Backend):
 
         check_classes(len(vocab), self.record.classes, "this bundle's decoder.plan")
         try:
-            emb: np.ndarray = self._text.text_embeddings(vocab, progress=progress)
+            emb: np.ndarray = self._text.embeddings(vocab, progress=progress)
         except ImportError:
             raise SedUserError(
                 f"embedding the new vocabulary {vocab.name} needs onnxruntime for the bundled text encoder: "
