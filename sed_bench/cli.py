@@ -46,7 +46,8 @@ def main(
     text: Annotated[str, typer.Option(help="real (text tower / cache) or synthetic (random unit vectors).")] = "real",
     device: Annotated[str, typer.Option(help="Torch device: cpu or cuda[:i].")] = "cpu",
     providers: Annotated[str, typer.Option(help="ONNX Runtime providers: cpu, cuda, tensorrt or auto.")] = "cpu",
-    precision: Annotated[str, typer.Option(help="fp32 or fp16 graphs for --backend ort without a bundle.")] = "fp32",
+    precision: Annotated[str, typer.Option(
+        help="fp32 or fp16: torch runs under autocast; ort exports such graphs (without a bundle).")] = "fp32",
     threads: Annotated[Optional[int], typer.Option(
         min=1, help="CPU threads for torch and ORT (default: theirs).")] = None,
     ort_profile: Annotated[bool, typer.Option(
@@ -103,7 +104,8 @@ def main(
             "--images": images, "--warmup": warmup, "--iters": iters, "--kept": kept, "--text": text,
             "--device": device if "torch" in backends else None,
             "--providers": providers if "ort" in backends else None,
-            "--precision": precision if "ort" in backends and bundle is None else None, "--threads": threads,
+            "--precision": precision if "torch" in backends or ("ort" in backends and bundle is None) else None,
+            "--threads": threads,
             "--max-rss-gb": max_rss_gb, "--out": out}
     for flag, value in opts.items():
         if value is not None:

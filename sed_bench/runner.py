@@ -111,7 +111,7 @@ class _Backends:
             from sed_runtime.backends import make_backend
 
             b = make_backend("torch", bundle=cfg.bundle, model=cfg.model, checkpoint=cfg.checkpoint, device=cfg.device,
-                             allow_pickle=cfg.allow_pickle)
+                             allow_pickle=cfg.allow_pickle, torch_precision=cfg.precision)
             b.cuda_events = True  # type: ignore[attr-defined]
             return b
         if name == "trt":
@@ -177,7 +177,7 @@ class _Backends:
 def _precision(backend: Backend) -> str:
     if backend.name in ("ort", "trt"):
         return str(backend.bundle.manifest["precision"])  # type: ignore[attr-defined]
-    return "fp32"
+    return str(getattr(backend, "precision", "fp32"))
 
 
 def run_bench(

@@ -54,6 +54,10 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     The sums over classes run in fp32 even in a half-precision model (they reach thousands at N = 847).
     """
     dtype = q.dtype
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):  # autocast would run these matmuls in fp16 again
+        with torch.autocast(device_type, enabled=False):
+            return linear_attention(q.float(), k.float(), v.float(), eps).to(dtype)
     q, k, v = q.float(), k.float(), v.float()
     q = F.elu(q) + 1.0
     k = F.elu(k) + 1.0

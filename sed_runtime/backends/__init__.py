@@ -23,6 +23,7 @@ def make_backend(
     providers: str = "cpu",
     allow_pickle: bool = False,
     low_memory: bool = False,
+    torch_precision: str = "fp32",
 ) -> Backend:
     """auto: TensorRT for a bundle with plans (when their TensorRT and a GPU are here), else ONNX Runtime for a
     bundle, the PyTorch reference for a model name or config."""
@@ -63,6 +64,7 @@ def make_backend(
                 "pass it with --checkpoint to run --backend torch"
             )
         return TorchBackend(
-            b.manifest["model"], checkpoint, device=device, allow_pickle=allow_pickle, seed=int(weights.get("seed", 0))
+            b.manifest["model"], checkpoint, device=device, allow_pickle=allow_pickle, seed=int(weights.get("seed", 0)),
+            precision=torch_precision,
         )
-    return TorchBackend(model, checkpoint, device=device, allow_pickle=allow_pickle)
+    return TorchBackend(model, checkpoint, device=device, allow_pickle=allow_pickle, precision=torch_precision)

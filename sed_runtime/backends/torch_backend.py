@@ -32,6 +32,7 @@ class TorchBackend(Backend):
         device: str = "cpu",
         allow_pickle: bool = False,
         seed: int = 0,
+        precision: str = "fp32",
     ) -> None:
         try:
             import torch
@@ -43,6 +44,8 @@ class TorchBackend(Backend):
         from sed_export.config import load_model_config, model_config_from_dict
         from sed_export.model import build_model
 
+        if precision not in ("fp32", "fp16"):
+            raise SedUserError(f"--precision must be fp32 or fp16 for the torch backend, got {precision!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise SedUserError(f"--device {device} asked for but no CUDA GPU is visible; use --device cpu")
         self.config = model_config_from_dict(model) if isinstance(model, dict) else load_model_config(model)
@@ -53,6 +56,9 @@ class TorchBackend(Backend):
         self.device = torch.device(device)
         self.model.to(self.device)
         self._torch = torch
+        # fp16 = torch.autocast: convs/matmuls in half, norms and softmax in fp32 (autocast's lists), and the
+        # class sums of the linear attention in fp32 (see `linear_attention`). Text embeddings stay fp32.
+        self.precision = precision
         # Benchmark hooks (sed-bench), off by default: force CER's survivors (see `SedDecoder.forward`), and
         # time stages with CUDA events instead of synchronize + wall clock.
         self.cer_select: Any = None
@@ -97,7 +103,8 @@ class TorchBackend(Backend):
     def infer(self, image: np.ndarray, text: np.ndarray, topk: int | None) -> BackendResult:
         torch = self._torch
         timings: dict[str, float] = {}
-        with torch.inference_mode():
+        autocast = torch.autocast(self.device.type, dtype=torch.float16, enabled=self.precision == "fp16")
+        with torch.inference_mode(), autocast:
             with self._timed(timings, "encoder"):
                 feats = self.model.encode_image(torch.from_numpy(image).to(self.device))
             txt = torch.from_numpy(np.ascontiguousarray(text, dtype=np.float32)).to(self.device)
@@ -122,6 +129,7 @@ class TorchBackend(Backend):
             "backend": self.name,
             "model": self.config.name,
             "device": str(self.device),
+            "precision": self.precision,
             "checkpoint_sha256": self.checkpoint_sha256,
             "weights": "checkpoint" if self.checkpoint_sha256 else "random (no --checkpoint)",
             "torch": self._torch.__version__,
