@@ -52,6 +52,8 @@ def main(
         min=1, help="CPU threads for torch and ORT (default: theirs).")] = None,
     ort_profile: Annotated[bool, typer.Option(
         help="Split ORT's decoder time into stages with its node profiler.")] = True,
+    low_memory: Annotated[bool, typer.Option(
+        "--low-memory", help="ONNX Runtime decoder without the CPU memory arena (as sed-run --low-memory).")] = False,
     max_rss_gb: Annotated[Optional[float], typer.Option(
         help="Skip cells whose peak RSS, extrapolated from the cells measured before, would exceed this.")] = None,
     work: Annotated[Path, typer.Option(help="Cache folder for ONNX graphs exported for --backend ort.")] = Path(
@@ -96,7 +98,7 @@ def main(
     cfg = BenchConfig(
         backends=backends, vocabs=vocab_list, cells=cells, images=image_paths, model=model, checkpoint=checkpoint,
         bundle=bundle, text=text, kept_spec=kept_spec, warmup=warmup, iters=iters, device=device,
-        providers=providers, precision=precision, threads=threads, ort_profile=ort_profile,
+        providers=providers, precision=precision, threads=threads, ort_profile=ort_profile, low_memory=low_memory,
         max_rss_gb=max_rss_gb, work=work, allow_pickle=allow_pickle,
     )
     argv = ["sed-bench"] + ([str(bundle)] if bundle else []) + (["--model", model] if bundle is None else [])
@@ -110,6 +112,8 @@ def main(
     for flag, value in opts.items():
         if value is not None:
             argv += [flag, str(value)]
+    if low_memory:
+        argv.append("--low-memory")
     cfg.argv = argv
 
     def log(msg: str) -> None:

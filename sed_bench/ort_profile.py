@@ -82,9 +82,10 @@ class StageProfiler:
     """Profiled decoder sessions for the ORT backend: the timed calls themselves are profiled (ORT's profiler
     costs well under 1 % here), and `collect` splits each timed call's node times into stages."""
 
-    def __init__(self, providers: list[str], threads: int | None = None) -> None:
+    def __init__(self, providers: list[str], threads: int | None = None, arena: bool = True) -> None:
         self.providers = providers
         self.threads = threads
+        self.arena = arena
         self._tmp = tempfile.TemporaryDirectory(prefix="sed-bench-prof-")
         self._sessions: dict[str, Any] = {}
         self._calls: dict[str, list[str | None]] = defaultdict(list)  # session -> cell key per call (None: untimed)
@@ -99,6 +100,7 @@ class StageProfiler:
             opts.profile_file_prefix = str(Path(self._tmp.name) / key)
             if self.threads:
                 opts.intra_op_num_threads = self.threads
+            opts.enable_cpu_mem_arena = self.arena
             src = model if isinstance(model, bytes) else str(model)
             self._sessions[key] = ort.InferenceSession(src, sess_options=opts, providers=self.providers)
         return self._sessions[key]

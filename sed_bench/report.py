@@ -217,7 +217,8 @@ def markdown(results: dict[str, Any]) -> str:
         "* Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
     ]
     for name, d in results["backends"].items():
-        extra = {k: d[k] for k in ("device", "providers", "intra_op_threads", "torch_threads", "bundle") if k in d}
+        keys = ("device", "providers", "low_memory", "intra_op_threads", "torch_threads", "bundle")
+        extra = {k: d[k] for k in keys if k in d}
         lines.append(f"* Backend {_backend_title(results, name)}: weights {d.get('weights')}; "
                      + "; ".join(f"{k} {val}" for k, val in extra.items()) + f"; load {d.get('load_s')} s.")
     kept = s.get("kept")

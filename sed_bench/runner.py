@@ -55,6 +55,7 @@ class BenchConfig:
     precision: str = "fp32"
     threads: int | None = None
     ort_profile: bool = True
+    low_memory: bool = False  # ORT decoder sessions without the CPU memory arena (sed-run --low-memory)
     max_rss_gb: float | None = None
     work: Path = Path("engines/bench")
     allow_pickle: bool = False
@@ -122,12 +123,13 @@ class _Backends:
         from sed_runtime.bundle import Bundle
 
         if cfg.bundle is not None:
-            return OrtBackend(cfg.bundle, providers=cfg.providers, threads=cfg.threads)
+            return OrtBackend(cfg.bundle, providers=cfg.providers, threads=cfg.threads, low_memory=cfg.low_memory)
         from .graphs import bench_graphs
 
         folder = bench_graphs(cfg.model, cfg.checkpoint, cfg.precision, cfg.work, allow_pickle=cfg.allow_pickle,
                               log=self.log)
-        backend = OrtBackend(Bundle.open(folder), providers=cfg.providers, threads=cfg.threads)
+        backend = OrtBackend(Bundle.open(folder), providers=cfg.providers, threads=cfg.threads,
+                             low_memory=cfg.low_memory)
         backend.bench_graphs = True  # type: ignore[attr-defined]
         return backend
 
@@ -221,7 +223,8 @@ def run_bench(
             "text": cfg.text, "images": [str(p) for p in cfg.images],
             "image_sizes": [list(im.shape[:2]) for im in images],
             "warmup": cfg.warmup, "iters": cfg.iters, "device": cfg.device, "providers": cfg.providers,
-            "threads": cfg.threads, "ort_profile": cfg.ort_profile, "max_rss_gb": cfg.max_rss_gb,
+            "threads": cfg.threads, "ort_profile": cfg.ort_profile, "low_memory": cfg.low_memory,
+            "max_rss_gb": cfg.max_rss_gb,
             "peak_rss_resettable": measure.reset_peak_rss(),
         },
         "backends": {},
@@ -297,7 +300,7 @@ class _CellRunner:
             if cfg.ort_profile:  # time profiled twins of the decoder sessions: same options, plus the profiler
                 from .ort_profile import StageProfiler
 
-                self.profiler = StageProfiler(b.providers, cfg.threads)
+                self.profiler = StageProfiler(b.providers, cfg.threads, arena=not cfg.low_memory)
                 b.decoder = self.profiler.session("production", b.bundle.path("decoder"))
             self._production = b.decoder
 
@@ -329,6 +332,7 @@ class _CellRunner:
                 opts = ort.SessionOptions()
                 if self.cfg.threads:
                     opts.intra_op_num_threads = self.cfg.threads
+                opts.enable_cpu_mem_arena = not self.cfg.low_memory
                 self._forced_session = ort.InferenceSession(graph, sess_options=opts, providers=b.providers)
         b.decoder, b.extra_decoder_inputs = self._forced_session, kept_feed(forced)
         return "forced"
