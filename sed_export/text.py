@@ -1,10 +1,7 @@
-"""Text embeddings of a vocabulary with the CLIP text tower, with the official SED semantics, batched.
+"""Text embeddings of a vocabulary with the PyTorch CLIP text tower, cached on disk, and the tower's digest.
 
-Official loop (SED / CAT-Seg `class_embeddings`), one class at a time: tokenize the class's prompts
-(template-major, then synonym), `encode_text`, L2-normalise; with S > 1 synonyms reshape to (P, S, E),
-average over S and re-normalise. Here the prompts of all classes are streamed through the text tower in
-chunks of `batch_size` sequences (the text transformer is causal with no padding mask, so batching does not
-change any prompt's embedding) and reduced per class as soon as a class's prompts are complete.
+The prompt-ensemble semantics (official SED / CAT-Seg `class_embeddings`) live in
+`sed_runtime.prompt_ensemble`, shared with the torch-free ONNX text path.
 """
 
 from __future__ import annotations
@@ -16,9 +13,8 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from sed_runtime.templates import class_prompts
+from sed_runtime.prompt_ensemble import encode_vocabulary_with
 from sed_runtime.text_cache import TextEmbeddingCache, templates_digest, text_cache_key
 from sed_runtime.vocab import Vocabulary
 
@@ -31,14 +27,6 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _reduce_class(emb: torch.Tensor, num_templates: int, num_synonyms: int) -> torch.Tensor:
-    """(P*S, E) unit-norm prompt embeddings -> (P, E), exactly as the official code does it."""
-    if num_synonyms > 1:
-        emb = emb.reshape(num_templates, num_synonyms, emb.shape[-1]).mean(dim=1)
-        emb = emb / emb.norm(dim=-1, keepdim=True)
-    return emb
-
-
 def encode_vocabulary(
     clip_model: torch.nn.Module,
     tokenizer: Callable[[list[str]], torch.Tensor],
@@ -48,68 +36,24 @@ def encode_vocabulary(
     batch_size: int = 256,
     progress: bool = True,
 ) -> np.ndarray:
-    """(N, P, E) float32 unit-norm template embeddings of every class of `vocab`, in class order."""
-    class_names = tuple(vocab.classes if isinstance(vocab, Vocabulary) else vocab)
-    templates = tuple(templates)
-    if not class_names:
-        raise ValueError("encode_vocabulary needs at least one class")
-    if not templates:
-        raise ValueError("encode_vocabulary needs at least one template")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    num_t = len(templates)
+    """(N, P, E) float32 unit-norm template embeddings of every class of `vocab`, in class order.
 
-    texts: list[str] = []
-    synonyms: list[int] = []
-    for name in class_names:
-        prompts, s = class_prompts(name, templates)
-        texts.extend(prompts)
-        synonyms.append(s)
-
+    The text tower in eval mode (its train/eval mode is restored after); the ensemble reduction is the
+    runtime's (`sed_runtime.prompt_ensemble`), shared with the bundle's ONNX text encoder.
+    """
     device = _model_device(clip_model)
+
+    def encode(texts: list[str]) -> np.ndarray:
+        emb = cast(Any, clip_model).encode_text(tokenizer(texts).to(device))
+        return emb.float().cpu().numpy()
+
     was_training = clip_model.training
     clip_model.eval()
-    out: np.ndarray | None = None
     try:
         with torch.inference_mode():
-            pending: list[torch.Tensor] = []
-            pending_rows = 0
-            cls = 0
-            with tqdm(
-                total=len(texts),
-                unit="prompt",
-                desc=f"text embeddings ({len(class_names)} classes)",
-                disable=not progress,
-                leave=False,
-            ) as bar:
-                for start in range(0, len(texts), batch_size):
-                    chunk = texts[start : start + batch_size]
-                    tokens = tokenizer(chunk).to(device)
-                    emb = cast(Any, clip_model).encode_text(tokens)
-                    emb = emb / emb.norm(dim=-1, keepdim=True)
-                    pending.append(emb)
-                    pending_rows += emb.shape[0]
-                    bar.update(len(chunk))
-                    # Reduce every class whose prompts are all in.
-                    if cls < len(class_names) and pending_rows >= num_t * synonyms[cls]:
-                        buf = torch.cat(pending) if len(pending) > 1 else pending[0]
-                        offset = 0
-                        while cls < len(class_names) and buf.shape[0] - offset >= num_t * synonyms[cls]:
-                            rows = num_t * synonyms[cls]
-                            red = _reduce_class(buf[offset : offset + rows], num_t, synonyms[cls])
-                            if out is None:
-                                out = np.empty((len(class_names), num_t, red.shape[-1]), dtype=np.float32)
-                            out[cls] = red.float().cpu().numpy()
-                            offset += rows
-                            cls += 1
-                        rest = buf[offset:]
-                        pending = [rest] if rest.shape[0] else []
-                        pending_rows = rest.shape[0]
-            assert cls == len(class_names) and pending_rows == 0, "prompt bookkeeping went wrong"
+            return encode_vocabulary_with(encode, vocab, templates, batch_size=batch_size, progress=progress)
     finally:
         clip_model.train(was_training)
-    assert out is not None
-    return out
 
 
 def text_tower_digest(clip_model: torch.nn.Module) -> str:
