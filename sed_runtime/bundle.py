@@ -45,6 +45,7 @@ class Bundle:
 
     root: Path
     manifest: dict[str, Any]
+    verified: bool = False  # every file in manifest["files"] matched its size and sha256
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> Bundle:
@@ -81,6 +82,7 @@ class Bundle:
                     f"bundle file {path} does not match its manifest hash (modified or truncated); "
                     "rebuild the bundle with `sed-export build --force`"
                 )
+        self.verified = True
 
     def path(self, graph: str) -> Path:
         return self.root / self.manifest["graphs"][graph]["file"]
@@ -88,6 +90,15 @@ class Bundle:
     @property
     def model_name(self) -> str:
         return str(self.manifest["model"]["name"])
+
+    @property
+    def weights_summary(self) -> dict[str, object]:
+        """The `describe()` fields every bundle backend reports about the weights the bundle was exported from."""
+        w = self.manifest["weights"]
+        return {
+            "checkpoint_sha256": w.get("checkpoint_sha256"),
+            "weights": "checkpoint" if w.get("source") == "checkpoint" else "random (no --checkpoint)",
+        }
 
     @property
     def embed_dim(self) -> int:

@@ -195,6 +195,21 @@ def test_plan_files_missing_truncated_or_modified(tmp_path):
         check_files(tmp_path, [PlanRecord("plugins/libsed.so", "0", 1)], "plugin library")
 
 
+def test_plan_already_hashed_by_bundle_verify_is_not_hashed_again(tmp_path, monkeypatch):
+    import sed_runtime.backends.trt_backend as tb
+
+    (tmp_path / "a.plan").write_bytes(b"x" * 100)
+    rec = PlanRecord("a.plan", sha256_file(tmp_path / "a.plan"), 100)
+
+    def no_hashing(_path):
+        raise AssertionError("hashed twice")
+
+    monkeypatch.setattr(tb, "sha256_file", no_hashing)
+    check_files(tmp_path, [rec], "plan", {"a.plan": {"sha256": rec.sha256, "bytes": 100}})
+    with pytest.raises(AssertionError, match="hashed twice"):  # a different manifest hash: check it
+        check_files(tmp_path, [rec], "plan", {"a.plan": {"sha256": "0" * 64, "bytes": 100}})
+
+
 def test_auto_backend_choice():
     assert choose_backend(False, True, True) == ("ort", None)
     assert choose_backend(True, True, True) == ("trt", None)

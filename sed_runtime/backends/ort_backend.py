@@ -147,7 +147,6 @@ class OrtBackend(Backend):
         )
 
     def describe(self) -> dict[str, Any]:
-        w = self.bundle.manifest["weights"]
         return {
             "backend": self.name,
             "model": self.bundle.model_name,
@@ -155,7 +154,6 @@ class OrtBackend(Backend):
             "precision": self.bundle.manifest["precision"],
             "providers": self.providers,
             "low_memory": self.low_memory,
-            "checkpoint_sha256": w.get("checkpoint_sha256"),
-            "weights": "checkpoint" if w.get("source") == "checkpoint" else "random (no --checkpoint)",
+            **self.bundle.weights_summary,
             "onnxruntime": self._ort_version,
         }

@@ -96,8 +96,14 @@ def parse_engines(manifest: Mapping[str, Any], where: str = "bundle") -> EngineR
                         str(eng.get("precision", manifest.get("precision", "?"))))
 
 
-def check_files(root: Path, records: Sequence[PlanRecord], what: str) -> None:
-    """Each file exists with its recorded size and sha256; size first so a truncated plan says so."""
+def check_files(
+    root: Path, records: Sequence[PlanRecord], what: str, hashed: Mapping[str, Mapping[str, Any]] | None = None
+) -> None:
+    """Each file exists with its recorded size and sha256; size first so a truncated plan says so.
+
+    `hashed`: manifest `files` entries already hashed by `Bundle.verify`; a record with the same sha256 there is
+    not hashed again (plans run to hundreds of MB).
+    """
     for rec in records:
         path = root / rec.file
         if not path.is_file():
@@ -109,6 +115,8 @@ def check_files(root: Path, records: Sequence[PlanRecord], what: str) -> None:
             raise SedUserError(
                 f"{what} {path} is {state} ({size} of {rec.bytes} bytes); rebuild the bundle with --force"
             )
+        if (hashed or {}).get(rec.file, {}).get("sha256") == rec.sha256:
+            continue
         if sha256_file(path) != rec.sha256:
             raise SedUserError(f"{what} {path} does not match its manifest sha256; rebuild the bundle with --force")
 
@@ -409,8 +417,9 @@ class TrtBackend(Backend):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         root = self.bundle.root
         self.record = parse_engines(self.bundle.manifest, str(root))
-        check_files(root, list(self.record.plans.values()), "plan")
-        check_files(root, self.record.plugins, "plugin library")
+        hashed = self.bundle.manifest["files"] if self.bundle.verified else None
+        check_files(root, list(self.record.plans.values()), "plan", hashed)
+        check_files(root, self.record.plugins, "plugin library", hashed)
         trt = runtime_module(self.record.engine)
         check_version(self.record, trt.__name__, str(getattr(trt, "__version__", "?")))
         gpu = current_gpu()
@@ -625,7 +634,6 @@ class TrtBackend(Backend):
         return BackendResult(scores=outputs["scores"].astype(np.float32, copy=False), kept=kept, timings_ms=timings)
 
     def describe(self) -> dict[str, Any]:
-        w = self.bundle.manifest["weights"]
         return {
             "backend": self.name,
             "model": self.bundle.model_name,
@@ -636,8 +644,7 @@ class TrtBackend(Backend):
             "gpu": self.gpu["name"],
             "compute_capability": self.gpu["compute_capability"],
             "cuda_graph_encoder": self._graph_exec is not None,
-            "checkpoint_sha256": w.get("checkpoint_sha256"),
-            "weights": "checkpoint" if w.get("source") == "checkpoint" else "random (no --checkpoint)",
+            **self.bundle.weights_summary,
         }
 
     def close(self) -> None:
