@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,25 +52,15 @@ def bench_graphs(
     if (folder / MANIFEST).is_file():
         return folder
 
-    from sed_export.checkpoint import load_checkpoint_into
-    from sed_export.model import build_model
+    from sed_export.bundle import building, files_record, input_record, model_with_weights
     from sed_export.onnx_export import OPSET, build_decoder_graph, build_encoder_graph, save_graph
 
     log(f"exporting {config.name} {precision} encoder/decoder graphs for the ort backend into {folder} ...")
     t0 = time.perf_counter()
-    model = build_model(config)
-    weights: dict[str, Any] = {"source": "random", "seed": 0, "checkpoint_sha256": None}
-    if checkpoint is not None:
-        _, sha = load_checkpoint_into(model, checkpoint, allow_pickle=allow_pickle)
-        weights = {"source": "checkpoint", "checkpoint_sha256": sha, "checkpoint_name": Path(checkpoint).name}
-    work.mkdir(parents=True, exist_ok=True)
-    tmp = work / f".{folder.name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    model, weights = model_with_weights(config, checkpoint, allow_pickle)
+    with building(folder) as tmp:
         save_graph(build_encoder_graph(model, precision), tmp / "encoder.onnx")
         save_graph(build_decoder_graph(model, precision), tmp / "decoder.onnx")
-        s = config.sed
         manifest = {
             "format": FORMAT,
             "purpose": "sed-bench graphs only: no text encoder, tokenizer or vocabulary; not a deployable bundle",
@@ -81,19 +69,11 @@ def bench_graphs(
             "precision": precision,
             "opset": OPSET,
             "engine": "onnx",
-            "input": {"input_size": s.input_size, "min_size": s.min_size_test, "max_size": s.max_size_test,
-                      "pixel_mean": list(s.pixel_mean), "pixel_std": list(s.pixel_std)},
+            "input": input_record(config),
             "templates": list(model.templates),
             "graphs": {"encoder": {"file": "encoder.onnx"}, "decoder": {"file": "decoder.onnx"}},
-            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                      for p in sorted(tmp.iterdir()) if p.is_file()},
+            "files": files_record(tmp),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"exported in {time.perf_counter() - t0:.1f} s")
     return folder

@@ -6,12 +6,13 @@ so a bundle is complete or absent; an existing bundle is replaced only with `for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,54 @@ def _io(model: Any) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": [describe(v) for v in model.graph.input], "outputs": [describe(v) for v in model.graph.output]}
 
 
+def model_with_weights(config: Any, checkpoint: Path | None, allow_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The model of `config` (seed 0) with `checkpoint` loaded if given, and the manifest's `weights` record."""
+    from .checkpoint import load_checkpoint_into
+    from .model import build_model
+
+    model = build_model(config)
+    weights: dict[str, Any] = {"source": "random", "seed": 0, "checkpoint_sha256": None}
+    if checkpoint is not None:
+        _, sha = load_checkpoint_into(model, checkpoint, allow_pickle=allow_pickle)
+        weights = {"source": "checkpoint", "checkpoint_sha256": sha, "checkpoint_name": Path(checkpoint).name}
+    return model, weights
+
+
+def input_record(config: Any) -> dict[str, Any]:
+    """The manifest's `input` section: the official test-time preprocessing of this model."""
+    s = config.sed
+    return {"input_size": s.input_size, "min_size": s.min_size_test, "max_size": s.max_size_test,
+            "pixel_mean": list(s.pixel_mean), "pixel_std": list(s.pixel_std)}
+
+
+def files_record(folder: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's `files` section: sha256 and size of every file below `folder`."""
+    return {
+        str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@contextlib.contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` that replaces `out` whole when the block succeeds, and vanishes if not."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def build_bundle(
     model_spec: str,
     vocab: Vocabulary,
@@ -73,9 +122,7 @@ def build_bundle(
     import open_clip
     from safetensors.numpy import save_file
 
-    from .checkpoint import load_checkpoint_into
     from .config import load_model_config
-    from .model import build_model
     from .onnx_export import OPSET, PRECISIONS, build_decoder_graph, build_encoder_graph, save_graph
     from .onnx_text import export_text_encoder
     from .text import cached_text_embeddings, text_tower_digest
@@ -88,18 +135,10 @@ def build_bundle(
     if out.exists() and not (out / MANIFEST).is_file():
         raise SedUserError(f"{out} exists and is not a bundle; refusing to replace it, choose another --out")
     config = load_model_config(model_spec)
-    model = build_model(config)
-    weights: dict[str, Any] = {"source": "random", "seed": 0, "checkpoint_sha256": None}
-    if checkpoint is not None:
-        _, sha = load_checkpoint_into(model, checkpoint, allow_pickle=allow_pickle)
-        weights = {"source": "checkpoint", "checkpoint_sha256": sha, "checkpoint_name": checkpoint.name}
+    model, weights = model_with_weights(config, checkpoint, allow_pickle)
     weights["text_tower_digest"] = text_tower_digest(model.clip_model)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with building(out) as tmp:
         graphs: dict[str, dict[str, Any]] = {}
         t0 = time.perf_counter()
         enc = build_encoder_graph(model, precision)
@@ -132,7 +171,6 @@ def build_bundle(
         log(f"text embeddings {time.perf_counter() - t0:5.1f} s ({len(vocab)} classes)")
         engines = engine_build(tmp, graphs, log) if engine_build is not None else None
 
-        s = config.sed
         manifest = {
             "format": FORMAT,
             "model": config.to_dict(),
@@ -142,13 +180,7 @@ def build_bundle(
             "engine": engines["engine"] if engines else "onnx",
             "producer": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "input": {
-                "input_size": s.input_size,
-                "min_size": s.min_size_test,
-                "max_size": s.max_size_test,
-                "pixel_mean": list(s.pixel_mean),
-                "pixel_std": list(s.pixel_std),
-            },
+            "input": input_record(config),
             "templates": list(model.templates),
             "tokenizer": "tokenizer.json",
             "graphs": graphs,
@@ -159,19 +191,7 @@ def build_bundle(
                 "digest": vocab.digest(),
                 "embeddings": emb_file,
             },
-            "files": {
-                str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                for p in sorted(tmp.rglob("*"))
-                if p.is_file()
-            },
+            "files": files_record(tmp),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
