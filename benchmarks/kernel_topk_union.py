@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from sed_export.cer import topk_union
     from sed_export.cuda_ops import CudaOpUnavailable, load_topk_union_op, topk_union_cuda
-    from sed_export.topk_union_rule import topk_union_reference
+    from sed_runtime.topk_union_rule import topk_union_reference
 
     try:
         load_topk_union_op()

@@ -4,7 +4,7 @@
 // TensorRT header on purpose: it compiles and is tested with nvcc alone.
 //
 // Ranking rule (a total order, identical to ONNX TopK / ONNX Runtime and to
-// sed_export/topk_union_rule.py): per pixel, NaN ranks above every number, larger values rank higher,
+// sed_runtime/topk_union_rule.py): per pixel, NaN ranks above every number, larger values rank higher,
 // -0.0 == +0.0, and equal values rank by lower class index first. The kept set is the ascending union
 // over pixels of each pixel's first min(k, C) classes; k >= C keeps every class, k <= 0 keeps none.
 #pragma once

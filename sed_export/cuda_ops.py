@@ -3,7 +3,7 @@
 `load_topk_union_op()` builds `kernels/topk_union.cu` + `kernels/torch/topk_union_op.cpp` with
 `torch.utils.cpp_extension.load` (cached by torch under $TORCH_EXTENSIONS_DIR) and registers
 `torch.ops.sed_kernels.topk_union(Tensor logits, int k) -> Tensor`. Building needs nvcc and a CUDA build of
-torch, not a GPU; running needs a GPU. The op follows `sed_export.topk_union_rule` exactly, which equals
+torch, not a GPU; running needs a GPU. The op follows `sed_runtime.topk_union_rule` exactly, which equals
 `sed_export.cer.topk_union` whenever no tie straddles a pixel's k-th place.
 
 To route the torch backend to it on GPU: `keep = topk_union_cuda(aux_logits, k) if aux_logits.is_cuda else

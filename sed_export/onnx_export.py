@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 from torch import nn
+
+from sed_runtime.split_decoder import LAST_OUTPUTS, LAYER_OUTPUTS, LAYERS, PRE, PRE_INPUTS, PRE_OUTPUTS
 
 from .model import SedModel
 from .onnx_cer import SubGraph, gather_rows, topk_union_graph
@@ -150,8 +153,19 @@ def _value_info(name: str, elem: int, shape: list[int | str]) -> onnx.ValueInfoP
     return helper.make_tensor_value_info(name, elem, shape)
 
 
-def build_decoder_graph(model: SedModel, precision: str = "fp32") -> onnx.ModelProto:
-    """One ONNX graph: (dense, text, res4, res3, res2, k) -> (scores, kept0, kept1, kept2)."""
+@dataclass
+class DecoderParts:
+    """The decoder exported as its four torch segments (the pieces both decoder layouts are made of)."""
+
+    pre: onnx.ModelProto  # (dense, text, res4, res3, res2) -> (corr, x, aux, skip0, skip1, skip2), N dynamic
+    layers: list[onnx.ModelProto]  # (x, cg, skip) -> (x_out, g_out, aux_out) | (probs,), M dynamic
+    embed_dim: int
+    num_templates: int
+    feature_shapes: dict[str, list[int]]
+
+
+def export_decoder_parts(model: SedModel, precision: str = "fp32") -> DecoderParts:
+    """Trace the pre-rejection segment and the three layers once, on 3 classes with the class axis dynamic."""
     dtype = _compute_dtype(precision)
     m = _with_precision(model, precision)
     cfg = model.config
@@ -164,8 +178,8 @@ def build_decoder_graph(model: SedModel, precision: str = "fp32") -> onnx.ModelP
     pre = _export(
         _PreRejection(m, dtype),
         tuple(fp32),
-        ["dense", "text", "res4", "res3", "res2"],
-        ["corr", "x", "aux", "skip0", "skip1", "skip2"],
+        list(PRE_INPUTS),
+        list(PRE_OUTPUTS),
         {"text": {0: "N"}, "corr": {0: "N"}, "x": {0: "N"}, "aux": {0: "N"}},
     )
     with torch.inference_mode():
@@ -174,15 +188,64 @@ def build_decoder_graph(model: SedModel, precision: str = "fp32") -> onnx.ModelP
     cg = corr
     for i in range(3):
         layer = _DecoderLayer(m, i)
-        outs = ["probs"] if i == 2 else ["x_out", "g_out", "aux_out"]
+        outs = list(LAST_OUTPUTS if i == 2 else LAYER_OUTPUTS)
         dyn = {"x": {0: "M"}, "cg": {0: "M"}, **{o: {0: "M"} for o in outs}}
         layer_specs.append(_export(layer, (x.clone(), cg.clone(), skips[i].clone()), ["x", "cg", "skip"], outs, dyn))
         if i < 2:
             with torch.inference_mode():
                 x, cg, _ = layer(x, cg, skips[i])
+    shapes = {name: list(getattr(feats, name).shape) for name in ("dense", "res4", "res3", "res2")}
+    return DecoderParts(pre, layer_specs, e, p, shapes)
+
+
+def _finish(g: SubGraph, name: str, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
+            like: onnx.ModelProto) -> onnx.ModelProto:
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
+    out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sed-deploy")
+    out.ir_version = like.ir_version
+    return out
+
+
+def build_decoder_segments(
+    model: SedModel, precision: str = "fp32", parts: DecoderParts | None = None
+) -> dict[str, onnx.ModelProto]:
+    """The decoder split at the CER points (`sed_runtime.split_decoder`): decoder_pre, decoder1..3.
+
+    Each layer segment takes every row of the previous segment's x and cost guidance plus the kept row
+    indices, and gathers the survivors itself; the top-k union runs between segments, outside the graphs.
+    `parts`: an earlier `export_decoder_parts(model, precision)`, to trace once for both layouts.
+    """
+    parts = parts or export_decoder_parts(model, precision)
+    pre = onnx.ModelProto()
+    pre.CopyFrom(parts.pre)
+    pre.graph.name = PRE
+    segments = {PRE: pre}
+    for name, layer in zip(LAYERS, parts.layers):
+        g = SubGraph()
+        g.nodes.append(gather_rows("x", "keep", "kept_x", "GatherX"))
+        g.nodes.append(gather_rows("cg", "keep", "kept_cg", "GatherGuidance"))
+        outs = _inline(g, layer, name, {"x": "kept_x", "cg": "kept_cg", "skip": "skip"})
+        for o in outs:
+            g.node("Identity", [outs[o]], [o], f"Output_{o}")
+        inputs = [copy.deepcopy(v) for v in layer.graph.input]
+        inputs.append(_value_info("keep", TensorProto.INT64, ["K"]))
+        outputs = [copy.deepcopy(v) for v in layer.graph.output]
+        for v in outputs:
+            v.type.tensor_type.shape.dim[0].dim_param = "K"
+        segments[name] = _finish(g, name, inputs, outputs, layer)
+    return segments
+
+
+def build_decoder_graph(
+    model: SedModel, precision: str = "fp32", parts: DecoderParts | None = None
+) -> onnx.ModelProto:
+    """One ONNX graph: (dense, text, res4, res3, res2, k) -> (scores, kept0, kept1, kept2)."""
+    parts = parts or export_decoder_parts(model, precision)
+    pre, layer_specs, e, p = parts.pre, parts.layers, parts.embed_dim, parts.num_templates
+    cfg = model.config
 
     g = SubGraph()
-    pre_out = _inline(g, pre, "pre", {k: k for k in ["dense", "text", "res4", "res3", "res2"]})
+    pre_out = _inline(g, pre, "pre", {k: k for k in PRE_INPUTS})
     g.node("Shape", ["text"], ["num_classes"], "NumClasses", start=0, end=1)
     g.node("Squeeze", ["num_classes"], ["num_classes_s"], "ScalarN")
     g.node(
@@ -220,9 +283,9 @@ def build_decoder_graph(model: SedModel, precision: str = "fp32") -> onnx.ModelP
     inputs = [
         _value_info("dense", TensorProto.FLOAT, [1, e, s // 32, s // 32]),
         _value_info("text", TensorProto.FLOAT, ["N", p, e]),
-        _value_info("res4", TensorProto.FLOAT, list(feats.res4.shape)),
-        _value_info("res3", TensorProto.FLOAT, list(feats.res3.shape)),
-        _value_info("res2", TensorProto.FLOAT, list(feats.res2.shape)),
+        _value_info("res4", TensorProto.FLOAT, parts.feature_shapes["res4"]),
+        _value_info("res3", TensorProto.FLOAT, parts.feature_shapes["res3"]),
+        _value_info("res2", TensorProto.FLOAT, parts.feature_shapes["res2"]),
         _value_info("k", TensorProto.INT64, [1]),
     ]
     h = s // 4
@@ -232,10 +295,7 @@ def build_decoder_graph(model: SedModel, precision: str = "fp32") -> onnx.ModelP
         _value_info("kept1", TensorProto.INT64, ["K1"]),
         _value_info("kept2", TensorProto.INT64, ["K2"]),
     ]
-    graph = helper.make_graph(g.nodes, "sed_decoder", inputs, outputs, g.initializers)
-    out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sed-deploy")
-    out.ir_version = pre.ir_version
-    return out
+    return _finish(g, "sed_decoder", inputs, outputs, pre)
 
 
 def build_encoder_graph(model: SedModel, precision: str = "fp32") -> onnx.ModelProto:

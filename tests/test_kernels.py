@@ -22,7 +22,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from sed_export.cer import topk_union  # noqa: E402
 from sed_export.onnx_cer import topk_union_graph  # noqa: E402
-from sed_export.topk_union_rule import order_keys, topk_union_reference  # noqa: E402
+from sed_runtime.topk_union_rule import order_keys, topk_union_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "kernels"

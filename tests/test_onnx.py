@@ -158,3 +158,37 @@ def test_fp16_graphs_agree_with_fp32_on_segmentation(model, decoder_fp32):
         )
         agreements.append(segment(scores, (300, 400)))
     assert (agreements[0] == agreements[1]).mean() >= 0.99
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_split_decoder_segments_equal_the_one_graph_decoder(model, tmp_path, precision):
+    """The TensorRT fallback layout (four graphs, top-k union between them) computes what decoder.onnx does."""
+    from sed_export.onnx_export import build_decoder_segments, export_decoder_parts, save_graph
+    from sed_runtime.split_decoder import LAYER_INPUTS, SEGMENTS, OrtSegments, run_split_decoder, segment_file
+
+    parts = export_decoder_parts(model, precision)
+    whole = _session(build_decoder_graph(model, precision, parts))
+    segments = build_decoder_segments(model, precision, parts)
+    assert list(segments) == list(SEGMENTS)
+    (tmp_path / "decoder_split").mkdir()
+    for name, graph in segments.items():
+        save_graph(graph, tmp_path / segment_file(name))  # full checker with strict shape inference
+        if name != "decoder_pre":
+            assert [i.name for i in graph.graph.input] == list(LAYER_INPUTS)
+    runner = OrtSegments(tmp_path)
+    n = 150
+    feats, text = _planted(model, n)
+    feeds = _feed(feats, text, 1)
+    shrunk_later = False
+    for k in (1, 2, 8, n) if precision == "fp32" else (2, 8):
+        ref_scores, *ref_kept = whole.run(None, {**feeds, "k": np.array([k], np.int64)})
+        scores, kept = run_split_decoder(runner, feeds, feeds["text"], n, k)
+        assert [x.tolist() for x in kept] == [x.tolist() for x in ref_kept]
+        if precision == "fp32":
+            np.testing.assert_array_equal(scores, ref_scores)
+        else:  # ONNX Runtime fuses fp16 ops differently across graph boundaries: fp16 rounding, not wiring
+            np.testing.assert_allclose(scores, ref_scores, atol=2e-3, rtol=0)
+        shrunk_later |= len(kept[2]) < len(kept[0])
+    assert shrunk_later  # the later CER points (gathers inside decoder2/3) were exercised too
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        run_split_decoder(runner, feeds, feeds["text"], n, 0)
