@@ -461,6 +461,76 @@ def test_cmake_builds_the_plugin_library(tmp_path):
         assert "getCreators" in symbols and "setLoggerFinder" in symbols
 
 
+@pytest.fixture(scope="module")
+def kernel_library(tmp_path_factory):
+    """libsed_topk_union.so built by CMake for one architecture (the C entry points need no GPU to load)."""
+    cmake = shutil.which("cmake")
+    if cmake is None or shutil.which("nvcc") is None:
+        pytest.skip("cmake or nvcc not on PATH")
+    build = tmp_path_factory.mktemp("kernel-lib")
+    env = {k: v for k, v in os.environ.items() if k != "TENSORRT_ROOT"}
+    arch = "90"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        arch = f"{major}{minor}"
+    for cmd in ([cmake, "-S", str(KERNELS), "-B", str(build), "-DTENSORRT_ROOT=/nonexistent",
+                 f"-DCMAKE_CUDA_ARCHITECTURES={arch}"],
+                [cmake, "--build", str(build), "-j", "2", "--target", "sed_topk_union"]):
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        assert res.returncode == 0, res.stdout + res.stderr
+    return build / "libsed_topk_union.so"
+
+
+def test_kernel_c_library_exports_only_its_c_api(kernel_library):
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm not on PATH")
+    out = subprocess.run([nm, "-D", "--defined-only", str(kernel_library)], capture_output=True, text=True).stdout
+    exported = sorted(line.split()[-1] for line in out.splitlines() if " T " in line)
+    assert exported == ["sed_topk_union", "sed_topk_union_abi_version", "sed_topk_union_workspace_size"]
+
+
+def test_kernel_c_library_loads_and_checks_arguments_without_a_gpu(kernel_library, tmp_path):
+    from sed_runtime.errors import SedUserError
+    from sed_runtime.kernel_lib import TopkUnionLibrary
+
+    lib = TopkUnionLibrary(kernel_library)
+    assert lib.workspace_size(847) == 3584 and lib.workspace_size(1) == 256 and lib.workspace_size(0) == 256
+    with pytest.raises(RuntimeError, match="CUDA error 1"):  # null pointers: refused before any CUDA call
+        lib.launch(0, "float32", 5, 10, k=1, kept=0, count=0, workspace=0, workspace_bytes=0, stream=0)
+    with pytest.raises(ValueError, match="dtype"):
+        lib.launch(0, "int8", 5, 10, k=1, kept=0, count=0, workspace=0, workspace_bytes=0, stream=0)
+    with pytest.raises(SedUserError, match="not found"):
+        TopkUnionLibrary(tmp_path / "missing.so")
+    (tmp_path / "junk.so").write_bytes(b"not an ELF")
+    with pytest.raises(SedUserError, match="cannot be loaded"):
+        TopkUnionLibrary(tmp_path / "junk.so")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda unavailable)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_c_library_equals_the_rule_on_a_gpu(kernel_library, dtype):
+    """The path the split decoder's TensorRT backend takes: ctypes, raw device pointers, a caller's stream."""
+    from sed_runtime.kernel_lib import TopkUnionLibrary
+
+    lib = TopkUnionLibrary(kernel_library)
+    name = "float32" if dtype == torch.float32 else "float16"
+    stream = torch.cuda.current_stream()
+    for _, x, k in _gpu_cases():
+        c = x.shape[0]
+        logits = torch.from_numpy(x.reshape(c, -1)).to("cuda", dtype)
+        kept = torch.full((max(c, 1),), -1, dtype=torch.int64, device="cuda")
+        count = torch.zeros(1, dtype=torch.int64, device="cuda")
+        ws = torch.empty(lib.workspace_size(c), dtype=torch.uint8, device="cuda")
+        lib.launch(logits.data_ptr(), name, c, logits.shape[1], k, kept.data_ptr(), count.data_ptr(),
+                   ws.data_ptr(), ws.numel(), stream.cuda_stream)
+        stream.synchronize()
+        got = kept[: int(count.item())].cpu().numpy()
+        want = topk_union_reference(logits.float().cpu().numpy(), k)
+        assert got.tolist() == want.tolist()
+
+
 # ------------------------------------------------------------------------------ (e) the kernel on a GPU
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda unavailable)")
