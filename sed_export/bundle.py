@@ -112,18 +112,31 @@ def build_bundle(
     progress: bool = True,
     log: Log = print,
     engine_build: EngineBuild | None = None,
+    split_decoder: bool = False,
 ) -> Path:
     """Export encoder, decoder and text encoder ONNX, the tokenizer and `vocab`'s embeddings; return `out`.
 
     `engine_build(folder, graphs, log)` runs on the finished ONNX files inside the temporary folder and returns
     the manifest's `engines` section (TensorRT plans), so plans share the bundle's all-or-nothing write.
+    `split_decoder` also writes the decoder split at the CER points (`sed_runtime.split_decoder`), for
+    TensorRT builds that run the top-k-union kernel between engines.
     """
     import onnx
     import open_clip
     from safetensors.numpy import save_file
 
+    from sed_runtime.split_decoder import segment_file
+
     from .config import load_model_config
-    from .onnx_export import OPSET, PRECISIONS, build_decoder_graph, build_encoder_graph, save_graph
+    from .onnx_export import (
+        OPSET,
+        PRECISIONS,
+        build_decoder_graph,
+        build_decoder_segments,
+        build_encoder_graph,
+        export_decoder_parts,
+        save_graph,
+    )
     from .onnx_text import export_text_encoder
     from .text import cached_text_embeddings, text_tower_digest
     from .tokenizer_export import clip_tokenizer_json
@@ -146,10 +159,17 @@ def build_bundle(
         graphs["encoder"] = {"file": "encoder.onnx", **_io(enc)}
         log(f"encoder.onnx   {time.perf_counter() - t0:6.1f} s")
         t0 = time.perf_counter()
-        dec = build_decoder_graph(model, precision)
+        parts = export_decoder_parts(model, precision)
+        dec = build_decoder_graph(model, precision, parts)
         save_graph(dec, tmp / "decoder.onnx")
         graphs["decoder"] = {"file": "decoder.onnx", **_io(dec)}
-        log(f"decoder.onnx   {time.perf_counter() - t0:6.1f} s")
+        if split_decoder:
+            (tmp / segment_file("x")).parent.mkdir()
+            for name, seg in build_decoder_segments(model, precision, parts).items():
+                save_graph(seg, tmp / segment_file(name))
+                graphs[name] = {"file": segment_file(name), **_io(seg)}
+        split_note = " (+ split at the CER points)" if split_decoder else ""
+        log(f"decoder.onnx   {time.perf_counter() - t0:6.1f} s{split_note}")
         t0 = time.perf_counter()
         export_text_encoder(model.clip_model, tmp / "text_encoder.onnx", opset=OPSET)
         graphs["text_encoder"] = {"file": "text_encoder.onnx", **_io(onnx.load(str(tmp / "text_encoder.onnx")))}

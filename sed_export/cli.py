@@ -103,6 +103,17 @@ def build(
     plugin_lib: Annotated[
         Optional[Path], typer.Option(help="Top-k-union plugin library: build the decoder plan with plugin CER nodes.")
     ] = None,
+    cer: Annotated[
+        str,
+        typer.Option(
+            help="How the TensorRT plans run CER: auto (plugin with --plugin-lib, else standard-ops), standard-ops, "
+            "plugin, or split (four decoder plans, the top-k union between them)."
+        ),
+    ] = "auto",
+    kernel_lib: Annotated[
+        Optional[Path],
+        typer.Option(help="--cer split: libsed_topk_union.so to run between the plans (default: on the host)."),
+    ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Bundle folder (default engines/<model>-<precision>).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle")] = False,
@@ -123,21 +134,25 @@ def build(
     if workspace is not None and workspace <= 0:
         raise SedUserError(f"--workspace must be a positive number of GiB, got {workspace}")
     choice = resolve_engine(engine)  # an explicit engine that cannot build fails here, before any export
-    if plugin_lib is not None:
-        if choice.engine is None:
-            raise SedUserError("--plugin-lib builds a TensorRT decoder plan; pass --engine tensorrt (or tensorrt-rtx)")
-        if not plugin_lib.is_file():
-            raise SedUserError(f"--plugin-lib {plugin_lib} not found; build the plugin library first")
+    opts = EngineOptions(
+        engine=choice.engine or "onnx",
+        max_classes=max_classes,
+        workspace_bytes=None if workspace is None else int(workspace * 2**30),
+        timing_cache=timing_cache,
+        plugin_lib=plugin_lib,
+        cer=cer,
+        kernel_lib=kernel_lib,
+    )
+    cer_mode = opts.cer_mode  # bad combinations fail here, before any export
+    for flag, given in (("--plugin-lib", plugin_lib), ("--kernel-lib", kernel_lib), (f"--cer {cer}", cer != "auto")):
+        if given and choice.engine is None:
+            raise SedUserError(f"{flag} shapes TensorRT plans; pass --engine tensorrt (or tensorrt-rtx)")
+    for flag, lib in (("--plugin-lib", plugin_lib), ("--kernel-lib", kernel_lib)):
+        if lib is not None and not lib.is_file():
+            raise SedUserError(f"{flag} {lib} not found; build it from kernels/ first (see kernels/README.md)")
     engine_build = None
     if choice.engine is not None:
         class_range(len(vocabulary), max_classes)  # a vocabulary the profile cannot cover fails before export
-        opts = EngineOptions(
-            engine=choice.engine,
-            max_classes=max_classes,
-            workspace_bytes=None if workspace is None else int(workspace * 2**30),
-            timing_cache=timing_cache,
-            plugin_lib=plugin_lib,
-        )
 
         def engine_build(folder: Path, graphs: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
             return build_plans(opts, folder, graphs, len(vocabulary), precision, log)
@@ -154,6 +169,7 @@ def build(
         allow_pickle=allow_pickle,
         progress=progress,
         engine_build=engine_build,
+        split_decoder=choice.engine is not None and cer_mode == "split",
     )
     print(f"bundle written to {target}")
     if choice.note:

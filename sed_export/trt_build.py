@@ -24,7 +24,14 @@ from sed_runtime.backends.trt_backend import RUNTIME_MODULES
 from sed_runtime.bundle import sha256_file
 from sed_runtime.errors import SedUserError
 
-from .trt_profiles import ClassRange, Profile, check_network_inputs, class_range, decoder_profile
+from .trt_profiles import (
+    ClassRange,
+    Profile,
+    check_network_inputs,
+    class_range,
+    decoder_profile,
+    split_decoder_profiles,
+)
 
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs, 10.x API) check our calls; at run time the module is a parameter
     import tensorrt
@@ -338,6 +345,25 @@ class EngineOptions:
     workspace_bytes: int | None = None
     timing_cache: Path | None = None  # None: <bundle parent>/.timing-cache/<engine>-<version>-sm<cc>.cache
     plugin_lib: Path | None = None
+    cer: str = "auto"  # auto: plugin with plugin_lib, else standard-ops; or split
+    kernel_lib: Path | None = None  # split: libsed_topk_union.so to run between the segments (else the host rule)
+
+    @property
+    def cer_mode(self) -> str:
+        """How CER runs in the plans: inside the decoder as standard ops or plugin nodes, or between segments."""
+        if self.cer not in CER_MODES:
+            raise SedUserError(f"--cer must be one of {', '.join(CER_MODES)}, got {self.cer!r}")
+        mode = self.cer if self.cer != "auto" else ("plugin" if self.plugin_lib is not None else "standard-ops")
+        if mode == "plugin" and self.plugin_lib is None:
+            raise SedUserError("--cer plugin needs --plugin-lib (build it from kernels/ against your TensorRT)")
+        if mode != "plugin" and self.plugin_lib is not None:
+            raise SedUserError(f"--plugin-lib is only used with --cer plugin, not --cer {mode}")
+        if mode != "split" and self.kernel_lib is not None:
+            raise SedUserError("--kernel-lib is only used with --cer split (the kernel runs between decoder segments)")
+        return mode
+
+
+CER_MODES = ("auto", "standard-ops", "plugin", "split")
 
 
 def plugin_decoder(src: Path, dst: Path) -> None:
@@ -359,10 +385,43 @@ def plugin_decoder(src: Path, dst: Path) -> None:
     tmp.replace(dst)
 
 
+def _copy_library(lib: Path, bundle_dir: Path, what: str) -> dict[str, Any]:
+    """Copy a shared library into the bundle's plugins/ folder; its manifest record."""
+    if not lib.is_file():
+        raise SedUserError(f"{what} {lib} not found; build it from kernels/ first (see kernels/README.md)")
+    (bundle_dir / PLUGIN_DIR).mkdir(exist_ok=True)
+    copied = bundle_dir / PLUGIN_DIR / lib.name
+    shutil.copy2(lib, copied)
+    return {"file": f"{PLUGIN_DIR}/{copied.name}", "sha256": sha256_file(copied), "bytes": copied.stat().st_size,
+            "source": str(lib)}
+
+
+def _build_split_decoder(
+    trt: ModuleType, bundle_dir: Path, graphs: dict[str, Any], classes: ClassRange, log: Log, **kw: Any
+) -> dict[str, PlanInfo]:
+    """One plan per decoder segment (decoder_split/*.plan), each with its own class-axis profile."""
+    from sed_runtime.split_decoder import SEGMENTS
+
+    missing = [s for s in SEGMENTS if s not in graphs]
+    if missing:
+        raise SedUserError(f"the bundle has no split decoder graphs ({', '.join(missing)}); export with --cer split")
+    shapes = {s: {i["name"]: i["shape"] for i in graphs[s]["inputs"]} for s in SEGMENTS}
+    profiles = split_decoder_profiles(shapes, classes)
+    plans = {}
+    for seg in SEGMENTS:
+        onnx_path = bundle_dir / graphs[seg]["file"]
+        info = build_engine(trt, onnx_path, onnx_path.with_suffix(".plan"), (profiles[seg],), **kw)
+        info.file, info.onnx = str(Path(graphs[seg]["file"]).with_suffix(".plan")), graphs[seg]["file"]
+        log(f"{seg + '.plan':14s} {info.seconds:6.1f} s ({info.bytes / 2**20:.1f} MiB)")
+        plans[seg] = info
+    return plans
+
+
 def build_plans(
     opts: EngineOptions, bundle_dir: Path, graphs: dict[str, Any], vocab_size: int, precision: str, log: Log = print,
 ) -> dict[str, Any]:
-    """Build encoder.plan and decoder.plan inside `bundle_dir` (the bundle being written); return `engines`."""
+    """Build encoder.plan and the decoder plan(s) inside `bundle_dir` (the bundle being written); return `engines`."""
+    cer = opts.cer_mode
     trt = import_trt(opts.engine)
     rtx = is_rtx(trt)
     classes = class_range(vocab_size, opts.max_classes)
@@ -373,29 +432,36 @@ def build_plans(
     if not rtx:
         cache = opts.timing_cache or timing_cache_file(bundle_dir.parent / TIMING_CACHE_DIR, trt, gpu)
     plugins: list[dict[str, Any]] = []
+    kernel = None
     libs: list[Path] = []
     decoder_onnx = "decoder.onnx"
-    if opts.plugin_lib is not None:
-        if not opts.plugin_lib.is_file():
-            raise SedUserError(f"--plugin-lib {opts.plugin_lib} not found; build the plugin library first")
-        (bundle_dir / PLUGIN_DIR).mkdir(exist_ok=True)
-        copied = bundle_dir / PLUGIN_DIR / opts.plugin_lib.name
-        shutil.copy2(opts.plugin_lib, copied)
-        libs.append(copied)
-        plugins.append({"file": f"{PLUGIN_DIR}/{copied.name}", "sha256": sha256_file(copied),
-                        "bytes": copied.stat().st_size, "source": str(opts.plugin_lib)})
+    if cer == "plugin":
+        assert opts.plugin_lib is not None
+        plugins.append(_copy_library(opts.plugin_lib, bundle_dir, "--plugin-lib"))
+        libs.append(bundle_dir / plugins[-1]["file"])
         decoder_onnx = "decoder_plugin.onnx"
         plugin_decoder(bundle_dir / "decoder.onnx", bundle_dir / decoder_onnx)
+    if cer == "split" and opts.kernel_lib is not None:
+        from sed_runtime.kernel_lib import TopkUnionLibrary
+
+        TopkUnionLibrary(opts.kernel_lib)  # refuse a wrong library now, not on the user's GPU
+        kernel = _copy_library(opts.kernel_lib, bundle_dir, "--kernel-lib")
     kw: dict[str, Any] = {"workspace_bytes": opts.workspace_bytes, "timing_cache_path": cache, "plugin_libraries": libs}
     enc = build_encoder_engine(trt, bundle_dir, **kw)
     log(f"encoder.plan   {enc.seconds:6.1f} s ({enc.bytes / 2**20:.1f} MiB, {trt.__name__} {trt_version(trt)})")
-    text_shape = graphs["decoder"]["inputs"][1]["shape"]
-    dec = build_decoder_engine(trt, bundle_dir, text_shape, classes, onnx_name=decoder_onnx, **kw)
-    log(f"decoder.plan   {dec.seconds:6.1f} s ({dec.bytes / 2**20:.1f} MiB, N {classes.min}..{classes.max}, "
-        f"opt {classes.opt})")
-    warned = len(enc.warnings) + len(dec.warnings)
-    if warned:
-        log(f"({warned} TensorRT builder warnings, e.g. {_first_line(next(iter(enc.warnings + dec.warnings)), 120)})")
+    if cer == "split":
+        decoders = _build_split_decoder(trt, bundle_dir, graphs, classes, log, **kw)
+        log(f"(decoder split at the CER points, N {classes.min}..{classes.max}, opt {classes.opt}; top-k union between "
+            f"segments: {'the CUDA kernel' if kernel else 'the host rule'})")
+    else:
+        text_shape = graphs["decoder"]["inputs"][1]["shape"]
+        decoders = {"decoder": build_decoder_engine(trt, bundle_dir, text_shape, classes, onnx_name=decoder_onnx, **kw)}
+        dec = decoders["decoder"]
+        log(f"decoder.plan   {dec.seconds:6.1f} s ({dec.bytes / 2**20:.1f} MiB, N {classes.min}..{classes.max}, "
+            f"opt {classes.opt})")
+    warnings = [w for p in (enc, *decoders.values()) for w in p.warnings]
+    if warnings:
+        log(f"({len(warnings)} TensorRT builder warnings, e.g. {_first_line(warnings[0], 120)})")
     return {
         "engine": engine_name(trt),
         "builder": {"module": trt.__name__.split(".")[0], "version": trt_version(trt)},
@@ -407,7 +473,8 @@ def build_plans(
         "workspace_bytes": opts.workspace_bytes,
         "timing_cache": None if cache is None else str(cache),
         "classes": classes.to_json(),
-        "cer": "plugin" if plugins else "standard-ops",
+        "cer": cer,
         "plugins": plugins,
-        "plans": {"encoder": enc.to_json(), "decoder": dec.to_json()},
+        "kernel": kernel,
+        "plans": {"encoder": enc.to_json(), **{role: p.to_json() for role, p in decoders.items()}},
     }

@@ -152,3 +152,38 @@ def check_network_inputs(
                     )
     if not profiles and any(any(d < 0 for d in dims) for dims in inputs.values()):
         raise SedUserError(f"{what}: the graph has dynamic inputs but no optimisation profile was given")
+
+
+OPT_KEPT = 64  # the class count after a CER point TensorRT tunes the later segments for (k = 8 keeps tens)
+
+
+def _rows_range(name: str, shape: Sequence[int | str | None], lo: int, opt: int, hi: int, what: str) -> ShapeRange:
+    """A range whose axis 0 is the dynamic class (row) axis and every other axis is fixed."""
+    dims = _dims(shape)
+    if not dims or dims[0] is not None or any(d is None for d in dims[1:]):
+        raise SedUserError(
+            f"{what} input '{name}' has shape {list(shape)}; expected only axis 0 dynamic; rebuild the ONNX bundle"
+        )
+    rest = tuple(int(d or 0) for d in dims[1:])
+    return ShapeRange(name, (lo, *rest), (opt, *rest), (hi, *rest))
+
+
+def split_decoder_profiles(
+    inputs: Mapping[str, Mapping[str, Sequence[int | str | None]]], classes: ClassRange, opt_kept: int = OPT_KEPT
+) -> dict[str, Profile]:
+    """One profile per segment of the split decoder, from each segment's input shapes (name -> shape).
+
+    decoder_pre: N over `classes`. decoder1 takes all N rows (x, cg) and K kept ones; decoder2/3 take the rows
+    the previous layer kept. Every K and later row count is 1 .. classes.max, tuned for `opt_kept`.
+    """
+    from sed_runtime.split_decoder import LAYERS, PRE
+
+    kept_opt = max(1, min(opt_kept, classes.opt))
+    profiles = {PRE: Profile(shapes=(_rows_range("text", inputs[PRE]["text"], classes.min, classes.opt,
+                                                 classes.max, PRE),))}
+    for i, seg in enumerate(LAYERS):
+        rows_opt = classes.opt if i == 0 else kept_opt
+        shapes = [_rows_range(n, inputs[seg][n], 1, rows_opt, classes.max, seg) for n in ("x", "cg")]
+        shapes.append(ShapeRange("keep", (1,), (min(kept_opt, rows_opt),), (classes.max,)))
+        profiles[seg] = Profile(shapes=tuple(shapes))
+    return profiles

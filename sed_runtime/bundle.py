@@ -31,9 +31,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def find_bundle_dir(path: str | Path) -> Path | None:
-    """The bundle folder for a path that is the folder itself or any file inside it; None if neither."""
+    """The bundle folder for a path that is the folder itself or a file in it or in one of its subfolders
+    (decoder_split/*.plan); None if neither."""
     p = Path(path)
-    for candidate in (p, p.parent) if p.is_file() else (p,):
+    for candidate in (p.parent, p.parent.parent) if p.is_file() else (p,):
         if (candidate / MANIFEST).is_file():
             return candidate
     return None

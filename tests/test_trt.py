@@ -42,6 +42,7 @@ from sed_runtime.backends.trt_backend import (
 )
 from sed_runtime.bundle import FORMAT, sha256_file
 from sed_runtime.errors import SedUserError
+from sed_runtime.split_decoder import SEGMENTS
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +98,28 @@ def test_decoder_profile_from_the_graph_shape():
         decoder_profile([5, 80, 64], ClassRange(1, 5, 10))
     with pytest.raises(ValueError):
         ShapeRange("x", (3,), (2,), (4,))
+
+
+def test_split_decoder_profiles_from_the_segment_shapes():
+    from sed_export.trt_profiles import split_decoder_profiles
+
+    layer = {"x": ["M", 128, 24, 24], "cg": ["M", 80, 24, 24], "skip": [1, 32, 48, 48], "keep": ["K"]}
+    shapes = {"decoder_pre": {"text": ["N", 80, 64], "dense": [1, 512, 24, 24]},
+              **{s: layer for s in SEGMENTS[1:]}}
+    prof = split_decoder_profiles(shapes, class_range(150))
+    assert set(prof) == set(SEGMENTS)
+    (text,) = prof["decoder_pre"].shapes
+    assert text.name == "text" and text.min == (1, 80, 64) and text.opt == (150, 80, 64) and text.max == (1024, 80, 64)
+    x1 = {r.name: r for r in prof["decoder1"].shapes}
+    assert x1["x"].opt == (150, 128, 24, 24) and x1["keep"].opt == (64,) and x1["keep"].max == (1024,)
+    x2 = {r.name: r for r in prof["decoder2"].shapes}  # later layers see what CER kept: tuned for 64 rows
+    assert x2["cg"].min == (1, 80, 24, 24) and x2["cg"].opt == (64, 80, 24, 24) and x2["x"].max[0] == 1024
+    small = split_decoder_profiles(shapes, class_range(5))
+    assert {r.name: r.opt for r in small["decoder3"].shapes}["keep"] == (5,)
+    check_network_inputs({"x": [-1, 128, 24, 24], "cg": [-1, 80, 24, 24], "skip": [1, 32, 48, 48], "keep": [-1]},
+                         [], [prof["decoder1"]], "decoder1.onnx")
+    with pytest.raises(SedUserError, match="expected only axis 0 dynamic"):
+        split_decoder_profiles({**shapes, "decoder1": {**layer, "x": ["M", "C", 24, 24]}}, class_range(5))
 
 
 def test_network_inputs_need_a_range_for_every_dynamic_axis():
@@ -157,6 +180,21 @@ def test_parse_engines():
         parse_engines({"engines": {"engine": "tensorrt", "plans": {}}})
     with pytest.raises(SedUserError, match="unknown engine"):
         record(engine="tensorflow")
+
+
+def test_parse_engines_of_a_split_decoder():
+    seg = {"file": "decoder_split/x.plan", "sha256": "0" * 64, "bytes": 10}
+    plans = {"encoder": seg, **{s: {**seg, "file": f"decoder_split/{s}.plan"} for s in SEGMENTS}}
+    lib = {"file": "plugins/libsed_topk_union.so", "sha256": "1" * 64, "bytes": 5}
+    rec = record(cer="split", plans=plans, kernel=lib)
+    assert rec.decoder_roles == SEGMENTS and rec.plans["decoder2"].file == "decoder_split/decoder2.plan"
+    assert rec.kernel is not None and rec.kernel.file == "plugins/libsed_topk_union.so"
+    assert record(cer="split", plans=plans, kernel=None).kernel is None  # the host rule runs CER
+    assert record().decoder_roles == ("decoder",) and record().cer == "standard-ops"
+    with pytest.raises(SedUserError, match="malformed"):  # a split manifest without its segment plans
+        record(cer="split")
+    with pytest.raises(SedUserError, match="unknown CER mode 'magic'"):
+        record(cer="magic")
 
 
 def test_version_mismatch_names_both_versions():
@@ -338,9 +376,23 @@ def test_cli_build_refuses_bad_engine_options_before_exporting(tmp_path):
         line = one_error_line(run("sed-export", "build", "--vocab", "voc20", "--engine", "tensorrt-rtx",
                                   "--plugin-lib", str(tmp_path / "nope.so"), "--out", str(out)))
         assert "nope.so not found" in line
+        line = one_error_line(run("sed-export", "build", "--vocab", "voc20", "--engine", "tensorrt-rtx",
+                                  "--cer", "split", "--kernel-lib", str(tmp_path / "nope.so"), "--out", str(out)))
+        assert "--kernel-lib" in line and "nope.so not found" in line
+        line = one_error_line(run("sed-export", "build", "--vocab", "voc20", "--engine", "tensorrt-rtx",
+                                  "--cer", "plugin", "--out", str(out)))
+        assert "--cer plugin needs --plugin-lib" in line
+        line = one_error_line(run("sed-export", "build", "--vocab", "voc20", "--engine", "tensorrt-rtx",
+                                  "--kernel-lib", str(tmp_path / "nope.so"), "--out", str(out)))
+        assert "--kernel-lib is only used with --cer split" in line
     line = one_error_line(run("sed-export", "build", "--vocab", "voc20", "--engine", "onnx", "--plugin-lib",
                               str(tmp_path / "nope.so"), "--out", str(out)))
     assert "--plugin-lib" in line
+    line = one_error_line(run("sed-export", "build", "--vocab", "voc20", "--engine", "onnx", "--cer", "split",
+                              "--out", str(out)))
+    assert "--cer split shapes TensorRT plans" in line and "--engine tensorrt" in line
+    line = one_error_line(run("sed-export", "build", "--vocab", "voc20", "--cer", "magic", "--out", str(out)))
+    assert "--cer must be one of" in line
     assert not out.exists()
 
 
@@ -431,6 +483,52 @@ def test_rtx_truncated_plan_is_refused_before_tensorrt(rtx_bundle, tmp_path):
     (copy / "decoder.plan").write_bytes(data[: len(data) // 2])
     line = one_error_line(infer(copy, tmp_path / "o", "--backend", "trt"))
     assert "decoder.plan" in line and "truncated" in line
+
+
+def _kernel_library(build: Path) -> Path | None:
+    """libsed_topk_union.so for one architecture, when cmake and nvcc are here (about 15 s)."""
+    cmake = shutil.which("cmake")
+    if cmake is None or shutil.which("nvcc") is None:
+        return None
+    env = {k: v for k, v in os.environ.items() if k != "TENSORRT_ROOT"}
+    for cmd in ([cmake, "-S", str(ROOT / "kernels"), "-B", str(build), "-DTENSORRT_ROOT=/nonexistent",
+                 "-DCMAKE_CUDA_ARCHITECTURES=86"], [cmake, "--build", str(build), "--target", "sed_topk_union"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        assert r.returncode == 0, r.stdout + r.stderr
+    return build / "libsed_topk_union.so"
+
+
+@pytest.mark.tensorrt
+def test_rtx_builds_the_split_decoder_for_real(tmp_path, env):
+    """--cer split: TensorRT-RTX builds the four segment plans, with the kernel library recorded when built."""
+    if rtx_missing:
+        pytest.skip("tensorrt_rtx_bindings not installed (pip install 'sed-deploy[rtx]')")
+    pytest.importorskip("torch")
+    lib = _kernel_library(tmp_path / "kernels")
+    out = tmp_path / "split"
+    cmd = ["sed-export", "build", "--classes", "sky; grass; person; dog; building", "--engine", "tensorrt-rtx",
+           "--cer", "split", "--out", str(out), "--no-progress", *(["--kernel-lib", str(lib)] if lib else [])]
+    r = run(*cmd, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    eng = m["engines"]
+    assert eng["cer"] == "split" and set(eng["plans"]) == {"encoder", *SEGMENTS}
+    for seg in SEGMENTS:
+        plan = eng["plans"][seg]
+        assert plan["file"] == f"decoder_split/{seg}.plan" and plan["onnx"] == m["graphs"][seg]["file"]
+        assert (out / plan["file"]).stat().st_size == plan["bytes"] > 100_000
+        assert m["files"][plan["file"]]["sha256"] == plan["sha256"] == sha256_file(out / plan["file"])
+    assert eng["plans"]["decoder_pre"]["profiles"][0]["shapes"]["text"]["max"] == [1024, 80, 64]
+    assert eng["plans"]["decoder2"]["profiles"][0]["shapes"]["keep"] == {"min": [1], "opt": [5], "max": [1024]}
+    assert "decoder.plan" not in m["files"] and "decoder.onnx" in m["files"]  # the ORT twin stays
+    if lib is not None:
+        assert eng["kernel"]["file"] == "plugins/libsed_topk_union.so" and "the CUDA kernel" in r.stdout
+        assert m["files"][eng["kernel"]["file"]]["sha256"] == eng["kernel"]["sha256"]
+    else:
+        assert eng["kernel"] is None and "the host rule" in r.stdout
+    rec = parse_engines(m)
+    assert rec.decoder_roles == SEGMENTS
+    check_files(out, [*rec.plans.values(), *([rec.kernel] if rec.kernel else [])], "plan")
 
 
 @pytest.mark.tensorrt

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..bundle import Bundle, sha256_file
 from ..errors import SedUserError
+from ..split_decoder import SEGMENTS, run_split_decoder
 from ..vocab import Vocabulary
 from .base import Backend, BackendResult, InputSpec
 
@@ -66,6 +67,12 @@ class EngineRecord:
     plans: Mapping[str, PlanRecord]
     plugins: tuple[PlanRecord, ...]
     precision: str
+    cer: str = "standard-ops"  # standard-ops | plugin: CER inside decoder.plan; split: between segment plans
+    kernel: PlanRecord | None = None  # split: the top-k-union kernel library (None: the rule on the host)
+
+    @property
+    def decoder_roles(self) -> tuple[str, ...]:
+        return SEGMENTS if self.cer == "split" else ("decoder",)
 
 
 def parse_engines(manifest: Mapping[str, Any], where: str = "bundle") -> EngineRecord:
@@ -75,13 +82,15 @@ def parse_engines(manifest: Mapping[str, Any], where: str = "bundle") -> EngineR
         raise SedUserError(
             f"{where} has no TensorRT plans; build them with `sed-export build --engine tensorrt` or use --backend ort"
         )
+    def plan_record(d: Mapping[str, Any]) -> PlanRecord:
+        return PlanRecord(str(d["file"]), str(d["sha256"]), int(d["bytes"]))
+
     try:
-        plans = {
-            role: PlanRecord(str(eng["plans"][role]["file"]), str(eng["plans"][role]["sha256"]),
-                             int(eng["plans"][role]["bytes"]))
-            for role in ("encoder", "decoder")
-        }
-        plugins = tuple(PlanRecord(str(p["file"]), str(p["sha256"]), int(p["bytes"])) for p in eng.get("plugins", []))
+        cer = str(eng.get("cer", "standard-ops"))
+        roles = ("encoder", *(SEGMENTS if cer == "split" else ("decoder",)))
+        plans = {role: plan_record(eng["plans"][role]) for role in roles}
+        plugins = tuple(plan_record(p) for p in eng.get("plugins", []))
+        kernel = plan_record(eng["kernel"]) if eng.get("kernel") else None
         classes = {k: int(eng["classes"][k]) for k in ("min", "opt", "max")}
         engine = str(eng["engine"])
         version = str(eng["builder"]["version"])
@@ -92,8 +101,10 @@ def parse_engines(manifest: Mapping[str, Any], where: str = "bundle") -> EngineR
     if engine not in RUNTIME_MODULES:
         raise SedUserError(f"{where}: plans were built by unknown engine {engine!r}; rebuild with --force")
     cc = eng.get("compute_capability")
+    if cer not in ("standard-ops", "plugin", "split"):
+        raise SedUserError(f"{where}: unknown CER mode {cer!r} in the manifest; rebuild with this sed-deploy")
     return EngineRecord(engine, version, None if cc is None else str(cc), classes, plans, plugins,
-                        str(eng.get("precision", manifest.get("precision", "?"))))
+                        str(eng.get("precision", manifest.get("precision", "?"))), cer, kernel)
 
 
 def check_files(
@@ -404,6 +415,113 @@ def _make_logger(trt: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The split decoder's segments (CER between plans)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Dev:
+    """A tensor in device memory: what the split decoder's segments pass to each other."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize if self.shape else self.dtype.itemsize
+
+
+class _TrtSegments:
+    """`SegmentExecutor` over the segment plans: device tensors in and out, on the backend's one stream.
+
+    Each segment owns its output buffers, so the pre-rejection skips stay valid while the layers run. The top-k
+    union runs with the kernel library when the bundle has one, else with the ranking rule on the host; either
+    way the host needs the kept count to set the next plan's input shapes, so each CER point synchronises once.
+    """
+
+    def __init__(self, trt: Any, cuda: _Cuda, stream: Any, engines: Mapping[str, Any], kernel: Any,
+                 errors: list[str]) -> None:
+        self.trt, self.cuda, self.stream, self.kernel, self.errors = trt, cuda, stream, kernel, errors
+        self.engines = dict(engines)
+        self.contexts = {name: e.create_execution_context() for name, e in self.engines.items()}
+        self.outputs: dict[tuple[str, str], _DeviceBuffer] = {}
+        self.keep = [_DeviceBuffer(cuda) for _ in range(len(self.engines) - 1)]
+        self.count, self.workspace = _DeviceBuffer(cuda), _DeviceBuffer(cuda)
+        self.host = _HostBuffer(cuda)
+        self.point = 0  # which CER point the next top-k union is
+
+    def _dtype(self, segment: str, name: str) -> np.dtype[Any]:
+        return np.dtype(self.trt.nptype(self.engines[segment].get_tensor_dtype(name)))
+
+    def run(self, segment: str, feeds: Mapping[str, Any]) -> Mapping[str, Any]:
+        trt, ctx, engine = self.trt, self.contexts[segment], self.engines[segment]
+        if segment == SEGMENTS[0]:
+            self.point = 0
+        out_names = []
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
+                out_names.append(name)
+                continue
+            t: _Dev = feeds[name]
+            want = self._dtype(segment, name)
+            if t.dtype != want:
+                raise RuntimeError(f"{segment}: input {name} is {t.dtype}, the plan expects {want}")
+            if not ctx.set_input_shape(name, t.shape):
+                raise SedUserError(f"{segment}.plan refuses {name} of shape {t.shape}; rebuild the bundle")
+            ctx.set_tensor_address(name, t.ptr)
+        result = {}
+        for name in out_names:
+            shape = _dims(ctx.get_tensor_shape(name))
+            dev = _Dev(0, shape, self._dtype(segment, name))
+            buf = self.outputs.setdefault((segment, name), _DeviceBuffer(self.cuda))
+            result[name] = _Dev(buf.ensure(dev.nbytes), shape, dev.dtype)
+            ctx.set_tensor_address(name, result[name].ptr)
+        if not ctx.execute_async_v3(int(self.stream)):
+            raise RuntimeError(f"{segment} enqueue failed: {self.errors[-1:]}")
+        return result
+
+    def topk_union(self, aux: Any, k: int) -> tuple[Any, np.ndarray]:
+        cuda, stream = self.cuda, self.stream
+        rows, pixels = aux.shape[0], int(np.prod(aux.shape[1:]))
+        keep_buf = self.keep[self.point]
+        self.point += 1
+        keep_ptr = keep_buf.ensure(rows * 8)
+        self.host.ensure(max(aux.nbytes, (rows + 1) * 8))
+        if self.kernel is not None:
+            ws = self.kernel.workspace_size(rows)
+            self.kernel.launch(aux.ptr, aux.dtype.name, rows, pixels, k, keep_ptr, self.count.ensure(8),
+                               self.workspace.ensure(ws), ws, int(stream))
+            host = self.host.array(np.dtype(np.int64), (rows + 1,))
+            cuda.d2h(self.host.ptr, self.count.ptr, 8, stream)
+            cuda.d2h(self.host.ptr + 8, keep_ptr, rows * 8, stream)
+            cuda.sync(stream)
+            keep = host[1 : 1 + int(host[0])].copy()
+        else:
+            from ..topk_union_rule import topk_union_reference
+
+            cuda.d2h(self.host.ptr, aux.ptr, aux.nbytes, stream)
+            cuda.sync(stream)
+            keep = topk_union_reference(self.host.array(aux.dtype, aux.shape), k)
+            np.copyto(self.host.array(np.dtype(np.int64), keep.shape), keep)
+            cuda.h2d(keep_ptr, self.host.ptr, keep.nbytes, stream)
+            cuda.sync(stream)  # the pinned buffer is reused by the next CER point
+        return _Dev(keep_ptr, (len(keep),), np.dtype(np.int64)), keep
+
+    def to_host(self, tensor: Any) -> np.ndarray:
+        self.host.ensure(tensor.nbytes)
+        self.cuda.d2h(self.host.ptr, tensor.ptr, tensor.nbytes, self.stream)
+        self.cuda.sync(self.stream)
+        return self.host.array(tensor.dtype, tensor.shape).copy()
+
+    def close(self) -> None:
+        for b in (*self.outputs.values(), *self.keep, self.count, self.workspace):
+            b.close()
+        self.host.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The backend
 # --------------------------------------------------------------------------------------------------------------
 
@@ -420,6 +538,8 @@ class TrtBackend(Backend):
         hashed = self.bundle.manifest["files"] if self.bundle.verified else None
         check_files(root, list(self.record.plans.values()), "plan", hashed)
         check_files(root, self.record.plugins, "plugin library", hashed)
+        if self.record.kernel is not None:
+            check_files(root, [self.record.kernel], "kernel library", hashed)
         trt = runtime_module(self.record.engine)
         check_version(self.record, trt.__name__, str(getattr(trt, "__version__", "?")))
         gpu = current_gpu()
@@ -442,14 +562,25 @@ class TrtBackend(Backend):
                 raise SedUserError(f"plugin library {root / lib.file} could not be loaded by {trt.__name__}; "
                                    f"it must be built against {trt.__name__} {self.record.version}")
         self._encoder: tensorrt.ICudaEngine = self._deserialize("encoder")
-        self._decoder: tensorrt.ICudaEngine = self._deserialize("decoder")
+        decoders = {role: self._deserialize(role) for role in self.record.decoder_roles}
+        kernel = None
+        if self.record.kernel is not None:
+            from ..kernel_lib import TopkUnionLibrary
+
+            kernel = TopkUnionLibrary(root / self.record.kernel.file)
         from .ort_backend import BundleText
 
         self._text = BundleText(self.bundle)
         self._closed = False
         self._stream = self._cuda.call(self._cuda.rt.cudaStreamCreate())
         self._setup_encoder(cuda_graph)
-        self._setup_decoder()
+        self._setup_text()
+        self._segments: _TrtSegments | None = None
+        if self.record.cer == "split":
+            self._segments = _TrtSegments(trt, self._cuda, self._stream, decoders, kernel, self._logger.errors)
+        else:
+            self._decoder: tensorrt.ICudaEngine = decoders["decoder"]
+            self._setup_decoder()
 
     # -- loading -------------------------------------------------------------------------------------------------
 
@@ -524,6 +655,24 @@ class TrtBackend(Backend):
             self._graph_exec, self._cuda_graph = None, False
             rt.cudaGetLastError()  # clear the sticky capture error before the plain path runs
 
+    def _setup_text(self) -> None:
+        self._text_dev = _DeviceBuffer(self._cuda)
+        self._text_host = _HostBuffer(self._cuda)
+        self._text_key: tuple[int, tuple[int, ...]] | None = None
+        self._static_out: dict[str, _DeviceBuffer] = {}
+        self._out_host: dict[str, _HostBuffer] = {}
+
+    def _upload_text(self, text: np.ndarray) -> np.ndarray:
+        """The pipeline passes the same embeddings for every image: upload them once."""
+        text = np.ascontiguousarray(text, dtype=np.float32)
+        key = (id(text) if text.base is None else id(text.base), text.shape)
+        if key != self._text_key:
+            self._text_host.ensure(text.nbytes)
+            np.copyto(self._text_host.array(text.dtype, text.shape), text)
+            self._cuda.h2d(self._text_dev.ensure(text.nbytes), self._text_host.ptr, text.nbytes, self._stream)
+            self._text_key = key
+        return text
+
     def _setup_decoder(self) -> None:
         ctx: tensorrt.IExecutionContext = self._decoder.create_execution_context()
         self._dec_ctx = ctx
@@ -538,11 +687,6 @@ class TrtBackend(Backend):
         else:
             self._k_dev = _DeviceBuffer(self._cuda)
             ctx.set_tensor_address("k", self._k_dev.ensure(self._k_host.nbytes))
-        self._text_dev = _DeviceBuffer(self._cuda)
-        self._text_host = _HostBuffer(self._cuda)
-        self._text_key: tuple[int, tuple[int, ...]] | None = None
-        self._static_out: dict[str, _DeviceBuffer] = {}
-        self._out_host: dict[str, _HostBuffer] = {}
         self._allocator = _make_output_allocator(self._trt, self._cuda)
         self._dynamic_outputs: list[str] = []
 
@@ -587,18 +731,21 @@ class TrtBackend(Backend):
             self._capture_encoder()
 
         t0 = time.perf_counter()
+        text = self._upload_text(text)
+        k = n if topk is None else min(topk, n)
+        if self._segments is not None:
+            feats = {name: _Dev(ptr, _dims(self._enc_ctx.get_tensor_shape(name)), self._dtype(self._encoder, name))
+                     for name, ptr in self._enc_buffers.items() if name != "image"}
+            dev_text = _Dev(self._text_dev.ptr, tuple(text.shape), np.dtype(np.float32))
+            scores, kept_split = run_split_decoder(self._segments, feats, dev_text, n, k)
+            timings["decoder"] = (time.perf_counter() - t0) * 1e3
+            kept_out = None if topk is None else [x.astype(np.int32) for x in kept_split]
+            return BackendResult(scores=scores, kept=kept_out, timings_ms=timings)
         ctx = self._dec_ctx
-        text = np.ascontiguousarray(text, dtype=np.float32)
-        key = (id(text) if text.base is None else id(text.base), text.shape)
-        if key != self._text_key:  # the pipeline passes the same embeddings for every image: upload once
-            self._text_host.ensure(text.nbytes)
-            np.copyto(self._text_host.array(text.dtype, text.shape), text)
-            cuda.h2d(self._text_dev.ensure(text.nbytes), self._text_host.ptr, text.nbytes, stream)
-            self._text_key = key
         ctx.set_tensor_address("text", self._text_dev.ptr)
         if not ctx.set_input_shape("text", tuple(text.shape)):
             raise SedUserError(f"decoder.plan refuses text of shape {text.shape}; rebuild the bundle")
-        self._k_host[0] = n if topk is None else min(topk, n)
+        self._k_host[0] = k
         if self._k_dev is not None:
             cuda.h2d(self._k_dev.ptr, self._k_host.ctypes.data, self._k_host.nbytes, stream)
         static, dynamic = plan_buffers(self._io(self._decoder, ctx))
@@ -644,6 +791,8 @@ class TrtBackend(Backend):
             "gpu": self.gpu["name"],
             "compute_capability": self.gpu["compute_capability"],
             "cuda_graph_encoder": self._graph_exec is not None,
+            "cer": self.record.cer if self.record.cer != "split" else
+            f"split ({'kernel library' if self.record.kernel else 'host rule'} between segment plans)",
             **self.bundle.weights_summary,
         }
 
@@ -656,11 +805,15 @@ class TrtBackend(Backend):
             self._cuda.sync(self._stream)
             for ptr in self._enc_buffers.values():
                 self._cuda.free(ptr)
-            for b in (*self._static_out.values(), self._text_dev, *([self._k_dev] if self._k_dev else [])):
+            k_dev = getattr(self, "_k_dev", None)
+            for b in (*self._static_out.values(), self._text_dev, *([k_dev] if k_dev else [])):
                 b.close()
+            if self._segments is not None:
+                self._segments.close()
             for h in (*self._out_host.values(), self._text_host, self._image_host):
                 h.close()
-            self._allocator.close()
+            if self._segments is None:
+                self._allocator.close()
             if self._graph_exec is not None:
                 self._cuda.rt.cudaGraphExecDestroy(self._graph_exec)
             self._cuda.rt.cudaStreamDestroy(self._stream)

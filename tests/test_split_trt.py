@@ -1,0 +1,232 @@
+"""The TensorRT backend's split-decoder executor, run on the CPU against stand-ins for TensorRT and CUDA.
+
+TensorRT plans cannot run here, but everything the executor does around them can: it sets input shapes and
+addresses, sizes output buffers from the resolved shapes, passes device tensors between segments, and runs
+the top-k union between them (kernel library or host rule) with its count/indices copies. The stand-ins
+execute each segment's ONNX with ONNX Runtime on memory addressed by raw pointers, exactly where TensorRT
+would read and write, so a wrong pointer, offset, shape or dtype shows up as a wrong result here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from sed_runtime.backends.trt_backend import _Dev, _TrtSegments  # noqa: E402
+from sed_runtime.split_decoder import SEGMENTS, OrtSegments, run_split_decoder, segment_file  # noqa: E402
+from sed_runtime.topk_union_rule import topk_union_reference  # noqa: E402
+
+ORT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
+             "tensor(int64)": np.dtype(np.int64)}
+
+
+def _read(ptr: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    n = int(np.prod(shape)) * dtype.itemsize
+    return np.frombuffer((ctypes.c_uint8 * n).from_address(ptr), np.uint8).view(dtype).reshape(shape).copy()
+
+
+def _write(ptr: int, arr: np.ndarray) -> None:
+    arr = np.ascontiguousarray(arr)
+    ctypes.memmove(ptr, arr.ctypes.data, arr.nbytes)
+
+
+class FakeCuda:
+    """`_Cuda` stand-in: device and pinned memory are numpy blocks, pointers their real addresses."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, np.ndarray] = {}
+        self.copies = 0
+
+    def malloc(self, nbytes: int) -> int:
+        block = np.zeros(max(int(nbytes), 1), np.uint8)
+        self.blocks[block.ctypes.data] = block
+        return block.ctypes.data
+
+    def free(self, ptr: int) -> None:
+        self.blocks.pop(ptr, None)
+
+    def host_alloc(self, nbytes: int) -> tuple[int, np.ndarray]:
+        ptr = self.malloc(nbytes)
+        return ptr, self.blocks[ptr]
+
+    host_free = free
+
+    def _inside(self, ptr: int, nbytes: int) -> bool:
+        return any(base <= ptr and ptr + nbytes <= base + b.nbytes for base, b in self.blocks.items())
+
+    def h2d(self, dst: int, src: int, nbytes: int, stream: object) -> None:
+        assert self._inside(dst, nbytes) and self._inside(src, nbytes), "copy outside an allocation"
+        ctypes.memmove(dst, src, nbytes)
+        self.copies += 1
+
+    d2h = h2d
+
+    def sync(self, stream: object) -> None:
+        pass
+
+
+class FakeTrt:
+    class TensorIOMode:
+        INPUT, OUTPUT = "input", "output"
+
+    @staticmethod
+    def nptype(dtype: np.dtype) -> np.dtype:
+        return dtype
+
+
+class FakeEngine:
+    """An `ICudaEngine` stand-in over one segment's ONNX (ONNX Runtime does the math)."""
+
+    def __init__(self, path: Path) -> None:
+        self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: ORT_TYPES[i.type] for i in self.sess.get_inputs()}
+        self.outputs = {o.name: ORT_TYPES[o.type] for o in self.sess.get_outputs()}
+        self.names = [*self.inputs, *self.outputs]
+
+    @property
+    def num_io_tensors(self) -> int:
+        return len(self.names)
+
+    def get_tensor_name(self, i: int) -> str:
+        return self.names[i]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return FakeTrt.TensorIOMode.INPUT if name in self.inputs else FakeTrt.TensorIOMode.OUTPUT
+
+    def get_tensor_dtype(self, name: str) -> np.dtype:
+        return {**self.inputs, **self.outputs}[name]
+
+    def create_execution_context(self) -> FakeContext:
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+        self.results: dict[str, np.ndarray] | None = None
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        assert name in self.engine.inputs
+        self.shapes[name] = tuple(int(d) for d in shape)
+        self.results = None
+        return True
+
+    def set_tensor_address(self, name: str, ptr: int) -> None:
+        self.addresses[name] = int(ptr)
+        if name in self.engine.inputs:
+            self.results = None
+
+    def _run(self) -> dict[str, np.ndarray]:
+        if self.results is None:
+            feeds = {n: _read(self.addresses[n], dt, self.shapes[n]) for n, dt in self.engine.inputs.items()}
+            values = self.engine.sess.run(list(self.engine.outputs), feeds)
+            self.results = dict(zip(self.engine.outputs, values))
+        return self.results
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name] if name in self.engine.inputs else tuple(self._run()[name].shape)
+
+    def execute_async_v3(self, stream: int) -> bool:
+        for name, value in self._run().items():
+            _write(self.addresses[name], value)
+        self.results = None  # the next run reads its inputs again
+        return True
+
+
+class FakeKernel:
+    """`TopkUnionLibrary` stand-in: the rule, reading and writing the pointers the kernel would."""
+
+    def __init__(self) -> None:
+        self.launches = 0
+
+    def workspace_size(self, rows: int) -> int:
+        return (rows * 4 + 255) // 256 * 256
+
+    def launch(self, logits, dtype, num_classes, num_pixels, k, kept, count, workspace, workspace_bytes, stream):
+        assert workspace_bytes >= self.workspace_size(num_classes) and workspace
+        x = _read(logits, np.dtype(dtype), (num_classes, num_pixels))
+        keep = topk_union_reference(x, k)
+        _write(count, np.array([len(keep)], np.int64))
+        _write(kept, keep)
+        self.launches += 1
+
+
+@pytest.fixture(scope="module")
+def split_folder(tmp_path_factory):
+    from sed_export.config import load_model_config
+    from sed_export.model import build_model
+    from sed_export.onnx_export import build_decoder_segments, save_graph
+
+    model = build_model(load_model_config("sed-tiny"), seed=3)
+    folder = tmp_path_factory.mktemp("split")
+    (folder / "decoder_split").mkdir()
+    for name, graph in build_decoder_segments(model, "fp32").items():
+        save_graph(graph, folder / segment_file(name))
+    with torch.inference_mode():
+        f = model.encode_image(torch.randn(1, 3, 768, 768, generator=torch.Generator().manual_seed(5)))
+    feats = {name: getattr(f, name).numpy() for name in ("dense", "res4", "res3", "res2")}
+    # Classes whose similarity to a nearly uniform image map is spread out: CER at k = 1 keeps a real subset.
+    g = torch.Generator().manual_seed(6)
+    n, e = 60, 64
+    d = torch.nn.functional.normalize(torch.randn(e, generator=g), dim=0)
+    feats["dense"] = (d.reshape(1, e, 1, 1) + 0.05 * torch.randn(1, e, 24, 24, generator=g)).numpy()
+    sims = torch.linspace(-0.9, 0.9, n)[torch.randperm(n, generator=g)]
+    o = torch.randn(n, e, generator=g)
+    o = torch.nn.functional.normalize(o - (o @ d)[:, None] * d, dim=-1)
+    text = (sims[:, None] * d + (1 - sims[:, None] ** 2).sqrt() * o)[:, None, :]
+    text = torch.nn.functional.normalize(text + 0.05 * torch.randn(n, 80, e, generator=g), dim=-1).numpy()
+    return folder, feats, text
+
+
+@pytest.mark.parametrize("with_kernel", [False, True], ids=["host-rule", "kernel-library"])
+def test_trt_split_executor_equals_the_reference_executor(split_folder, with_kernel):
+    folder, feats, text = split_folder
+    cuda = FakeCuda()
+    kernel = FakeKernel() if with_kernel else None
+    engines = {s: FakeEngine(folder / segment_file(s)) for s in SEGMENTS}
+    ex = _TrtSegments(FakeTrt, cuda, stream=0, engines=engines, kernel=kernel, errors=[])
+
+    own: set[int] = set()
+
+    def device(arr: np.ndarray) -> _Dev:
+        ptr = cuda.malloc(arr.nbytes)
+        own.add(ptr)
+        _write(ptr, arr)
+        return _Dev(ptr, arr.shape, arr.dtype)
+
+    dev_feats = {name: device(a) for name, a in feats.items()}
+    reference = OrtSegments(folder)
+    n = text.shape[0]
+    sizes = []
+    for k in (1, 2, n):  # three runs with different kept counts: buffers are reused and regrown
+        want_scores, want_kept = run_split_decoder(reference, feats, text, n, k)
+        scores, kept = run_split_decoder(ex, dev_feats, device(text), n, k)
+        assert [x.tolist() for x in kept] == [x.tolist() for x in want_kept]
+        np.testing.assert_array_equal(scores, want_scores)
+        sizes.append(len(kept[0]))
+    assert sizes[0] < sizes[-1] == n  # k = 1 really rejected classes, so the gathers were exercised
+    if kernel is not None:
+        assert kernel.launches == 9  # three CER points x three runs, none on the host
+    ex.close()
+    assert set(cuda.blocks) <= own  # close() freed every buffer the executor allocated
+
+
+def test_trt_split_executor_refuses_a_wrong_dtype(split_folder):
+    folder, feats, text = split_folder
+    cuda = FakeCuda()
+    engines = {s: FakeEngine(folder / segment_file(s)) for s in SEGMENTS}
+    ex = _TrtSegments(FakeTrt, cuda, stream=0, engines=engines, kernel=None, errors=[])
+    half = text.astype(np.float16)
+    ptr = cuda.malloc(half.nbytes)
+    feeds = {name: _Dev(cuda.malloc(a.nbytes), a.shape, a.dtype) for name, a in feats.items()}
+    with pytest.raises(RuntimeError, match="input text is float16, the plan expects float32"):
+        ex.run(SEGMENTS[0], {**feeds, "text": _Dev(ptr, half.shape, half.dtype)})
