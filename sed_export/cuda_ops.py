@@ -6,8 +6,9 @@
 torch, not a GPU; running needs a GPU. The op follows `sed_runtime.topk_union_rule` exactly, which equals
 `sed_export.cer.topk_union` whenever no tie straddles a pixel's k-th place.
 
-To route the torch backend to it on GPU: `keep = topk_union_cuda(aux_logits, k) if aux_logits.is_cuda else
-topk_union(aux_logits, k)` where `cer.topk_union` is called today (same (T, H, W) input, same sorted int64 output).
+The torch backend on a GPU ranks CER with it (`TorchBackend(cer_kernel="auto")`, the default, sets
+`SedDecoder.select_classes = topk_union_cuda` when the op builds); same (T, H, W) input and sorted int64 output
+as `cer.topk_union`.
 """
 
 from __future__ import annotations

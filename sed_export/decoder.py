@@ -194,6 +194,9 @@ class SedDecoder(nn.Module):
         self.head1 = nn.Conv2d(d1, 1, kernel_size=3, stride=1, padding=1)
         self.head2 = nn.Conv2d(d2, 1, kernel_size=3, stride=1, padding=1)
         self.head = nn.Conv2d(d3, 1, kernel_size=3, stride=1, padding=1)
+        # CER's ranking: torch.topk here; the torch backend swaps in the CUDA kernel (`cuda_ops.topk_union_cuda`)
+        # on a GPU. Same contract: (T, H, W) logits, k -> sorted int64 indices of the kept rows.
+        self.select_classes: Callable[[torch.Tensor, int], torch.Tensor] = topk_union
 
     @staticmethod
     def cost_volume(dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -239,7 +242,7 @@ class SedDecoder(nn.Module):
             if topk is not None:
                 with timer(f"cer{i}"):
                     aux = aux_heads[i](x)[:, 0]
-                    keep = topk_union(aux, topk)
+                    keep = self.select_classes(aux, topk)
                     if cer_select is not None:  # benchmark hook (sed-bench --kept): force the survivors
                         keep = cer_select(i, aux, keep)
                     if keep.numel() < x.shape[0]:

@@ -596,3 +596,35 @@ def test_cuda_op_builds_without_a_gpu():
         pytest.skip(problem)
     op = load_topk_union_op()
     assert "topk_union(Tensor logits, int k) -> Tensor" in str(op.default._schema)
+
+
+# ------------------------------------------------------------------------------ (f) the torch backend's CER
+
+
+def test_torch_backend_cer_choice_on_the_cpu():
+    from sed_runtime.backends.torch_backend import TorchBackend
+    from sed_runtime.errors import SedUserError
+
+    assert TorchBackend("sed-tiny").describe()["cer"] == "torch.topk"
+    with pytest.raises(SedUserError, match="needs --device cuda"):
+        TorchBackend("sed-tiny", cer_kernel="on")
+    with pytest.raises(SedUserError, match="auto, on or off"):
+        TorchBackend("sed-tiny", cer_kernel="sometimes")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_torch_backend_uses_the_kernel_on_a_gpu_and_keeps_the_same_classes():
+    """The torch reference on a GPU with CER ranked by the kernel vs torch.topk: same kept sets, same scores."""
+    from sed_runtime.backends.torch_backend import TorchBackend
+
+    with_kernel = TorchBackend("sed-tiny", device="cuda", cer_kernel="on")
+    plain = TorchBackend("sed-tiny", device="cuda", cer_kernel="off")
+    assert with_kernel.describe()["cer"] == "topk-union CUDA kernel" and plain.describe()["cer"] == "torch.topk"
+    g = torch.Generator().manual_seed(11)
+    image = torch.randn(1, 3, 768, 768, generator=g).numpy()
+    text = torch.nn.functional.normalize(torch.randn(150, 80, 64, generator=g), dim=-1).numpy()
+    for k in (1, 8):
+        a, b = with_kernel.infer(image, text, k), plain.infer(image, text, k)
+        assert [x.tolist() for x in a.kept] == [x.tolist() for x in b.kept]  # random logits: no boundary ties
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5, rtol=0)

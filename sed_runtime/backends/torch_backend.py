@@ -33,6 +33,7 @@ class TorchBackend(Backend):
         allow_pickle: bool = False,
         seed: int = 0,
         precision: str = "fp32",
+        cer_kernel: str = "auto",
     ) -> None:
         try:
             import torch
@@ -64,6 +65,30 @@ class TorchBackend(Backend):
         self.cer_select: Any = None
         self.cuda_events = False
         self._events: list[tuple[str, Any, Any]] = []
+        self.cer = self._choose_cer(cer_kernel)
+
+    def _choose_cer(self, cer_kernel: str) -> str:
+        """On a GPU, rank CER with our CUDA kernel (built once by torch, cached) unless told not to.
+
+        auto: the kernel when it builds here, else torch.topk with the reason in describe(); on: the kernel or a
+        one-line error; off: torch.topk. On the CPU CER always uses torch.topk.
+        """
+        if cer_kernel not in ("auto", "on", "off"):
+            raise SedUserError(f"cer_kernel must be auto, on or off, got {cer_kernel!r}")
+        if self.device.type != "cuda" or cer_kernel == "off":
+            if cer_kernel == "on":
+                raise SedUserError("the CER CUDA kernel needs --device cuda")
+            return "torch.topk"
+        from sed_export.cuda_ops import CudaOpUnavailable, load_topk_union_op, topk_union_cuda
+
+        try:
+            load_topk_union_op()
+        except CudaOpUnavailable as e:
+            if cer_kernel == "on":
+                raise SedUserError(f"{e}; or run CER with torch.topk (cer_kernel='off')") from None
+            return f"torch.topk ({e})"
+        self.model.transformer.select_classes = topk_union_cuda
+        return "topk-union CUDA kernel"
 
     @property
     def input_spec(self) -> InputSpec:
@@ -133,4 +158,5 @@ class TorchBackend(Backend):
             "checkpoint_sha256": self.checkpoint_sha256,
             "weights": "checkpoint" if self.checkpoint_sha256 else "random (no --checkpoint)",
             "torch": self._torch.__version__,
+            "cer": self.cer,
         }
