@@ -340,7 +340,7 @@ def build_decoder_engine(
 class EngineOptions:
     """`sed-export build` options that shape the plans."""
 
-    engine: str
+    engine: str | None  # tensorrt | tensorrt-rtx; None: ONNX only (then no plan-shaping option may be given)
     max_classes: int = 1024
     workspace_bytes: int | None = None
     timing_cache: Path | None = None  # None: <bundle parent>/.timing-cache/<engine>-<version>-sm<cc>.cache
@@ -350,7 +350,11 @@ class EngineOptions:
 
     @property
     def cer_mode(self) -> str:
-        """How CER runs in the plans: inside the decoder as standard ops or plugin nodes, or between segments."""
+        """How CER runs in the plans: inside the decoder as standard ops or plugin nodes, or between segments.
+
+        The one place that refuses a bad combination of --engine, --cer, --plugin-lib and --kernel-lib, or a
+        library file that is not there; the CLI asks before exporting anything, `build_plans` again.
+        """
         if self.cer not in CER_MODES:
             raise SedUserError(f"--cer must be one of {', '.join(CER_MODES)}, got {self.cer!r}")
         mode = self.cer if self.cer != "auto" else ("plugin" if self.plugin_lib is not None else "standard-ops")
@@ -360,6 +364,14 @@ class EngineOptions:
             raise SedUserError(f"--plugin-lib is only used with --cer plugin, not --cer {mode}")
         if mode != "split" and self.kernel_lib is not None:
             raise SedUserError("--kernel-lib is only used with --cer split (the kernel runs between decoder segments)")
+        libraries = (("--plugin-lib", self.plugin_lib), ("--kernel-lib", self.kernel_lib))
+        if self.engine is None:
+            for flag, given in (*libraries, (f"--cer {self.cer}", self.cer != "auto")):
+                if given:
+                    raise SedUserError(f"{flag} shapes TensorRT plans; pass --engine tensorrt (or tensorrt-rtx)")
+        for flag, lib in libraries:
+            if lib is not None and not lib.is_file():
+                raise SedUserError(f"{flag} {lib} not found; build it from kernels/ first (see kernels/README.md)")
         return mode
 
 
@@ -385,10 +397,8 @@ def plugin_decoder(src: Path, dst: Path) -> None:
     tmp.replace(dst)
 
 
-def _copy_library(lib: Path, bundle_dir: Path, what: str) -> dict[str, Any]:
-    """Copy a shared library into the bundle's plugins/ folder; its manifest record."""
-    if not lib.is_file():
-        raise SedUserError(f"{what} {lib} not found; build it from kernels/ first (see kernels/README.md)")
+def _copy_library(lib: Path, bundle_dir: Path) -> dict[str, Any]:
+    """Copy a shared library (checked by `EngineOptions.cer_mode`) into the bundle's plugins/; its record."""
     (bundle_dir / PLUGIN_DIR).mkdir(exist_ok=True)
     copied = bundle_dir / PLUGIN_DIR / lib.name
     shutil.copy2(lib, copied)
@@ -422,6 +432,8 @@ def build_plans(
 ) -> dict[str, Any]:
     """Build encoder.plan and the decoder plan(s) inside `bundle_dir` (the bundle being written); return `engines`."""
     cer = opts.cer_mode
+    if opts.engine is None:
+        raise SedUserError("no TensorRT engine chosen; pass --engine tensorrt (or tensorrt-rtx)")
     trt = import_trt(opts.engine)
     rtx = is_rtx(trt)
     classes = class_range(vocab_size, opts.max_classes)
@@ -437,7 +449,7 @@ def build_plans(
     decoder_onnx = "decoder.onnx"
     if cer == "plugin":
         assert opts.plugin_lib is not None
-        plugins.append(_copy_library(opts.plugin_lib, bundle_dir, "--plugin-lib"))
+        plugins.append(_copy_library(opts.plugin_lib, bundle_dir))
         libs.append(bundle_dir / plugins[-1]["file"])
         decoder_onnx = "decoder_plugin.onnx"
         plugin_decoder(bundle_dir / "decoder.onnx", bundle_dir / decoder_onnx)
@@ -445,7 +457,7 @@ def build_plans(
         from sed_runtime.kernel_lib import TopkUnionLibrary
 
         TopkUnionLibrary(opts.kernel_lib)  # refuse a wrong library now, not on the user's GPU
-        kernel = _copy_library(opts.kernel_lib, bundle_dir, "--kernel-lib")
+        kernel = _copy_library(opts.kernel_lib, bundle_dir)
     kw: dict[str, Any] = {"workspace_bytes": opts.workspace_bytes, "timing_cache_path": cache, "plugin_libraries": libs}
     enc = build_encoder_engine(trt, bundle_dir, **kw)
     log(f"encoder.plan   {enc.seconds:6.1f} s ({enc.bytes / 2**20:.1f} MiB, {trt.__name__} {trt_version(trt)})")
