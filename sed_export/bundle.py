@@ -125,7 +125,7 @@ def build_bundle(
     import open_clip
     from safetensors.numpy import save_file
 
-    from sed_runtime.split_decoder import segment_file
+    from sed_runtime.split_decoder import SPLIT_DIR, segment_file
 
     from .config import load_model_config
     from .onnx_export import (
@@ -164,7 +164,7 @@ def build_bundle(
         save_graph(dec, tmp / "decoder.onnx")
         graphs["decoder"] = {"file": "decoder.onnx", **_io(dec)}
         if split_decoder:
-            (tmp / segment_file("x")).parent.mkdir()
+            (tmp / SPLIT_DIR).mkdir()
             for name, seg in build_decoder_segments(model, precision, parts).items():
                 save_graph(seg, tmp / segment_file(name))
                 graphs[name] = {"file": segment_file(name), **_io(seg)}

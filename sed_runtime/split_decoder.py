@@ -43,9 +43,12 @@ def segment_inputs(segment: str) -> tuple[str, ...]:
     return PRE_INPUTS if segment == PRE else LAYER_INPUTS
 
 
+SPLIT_DIR = "decoder_split"  # the bundle subfolder of the segments' ONNX files and plans
+
+
 def segment_file(segment: str) -> str:
     """Where a segment's ONNX lives inside a bundle."""
-    return f"decoder_split/{segment}.onnx"
+    return f"{SPLIT_DIR}/{segment}.onnx"
 
 
 class SegmentExecutor(Protocol):

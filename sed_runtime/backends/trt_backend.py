@@ -438,6 +438,8 @@ class _TrtSegments:
     Each segment owns its output buffers, so the pre-rejection skips stay valid while the layers run. The top-k
     union runs with the kernel library when the bundle has one, else with the ranking rule on the host; either
     way the host needs the kept count to set the next plan's input shapes, so each CER point synchronises once.
+    One kept-index buffer serves every CER point: the layer reading it is enqueued on the same stream before
+    the next point writes it.
     """
 
     def __init__(self, trt: Any, cuda: _Cuda, stream: Any, engines: Mapping[str, Any], kernel: Any,
@@ -446,18 +448,14 @@ class _TrtSegments:
         self.engines = dict(engines)
         self.contexts = {name: e.create_execution_context() for name, e in self.engines.items()}
         self.outputs: dict[tuple[str, str], _DeviceBuffer] = {}
-        self.keep = [_DeviceBuffer(cuda) for _ in range(len(self.engines) - 1)]
-        self.count, self.workspace = _DeviceBuffer(cuda), _DeviceBuffer(cuda)
+        self.keep, self.count, self.workspace = _DeviceBuffer(cuda), _DeviceBuffer(cuda), _DeviceBuffer(cuda)
         self.host = _HostBuffer(cuda)
-        self.point = 0  # which CER point the next top-k union is
 
     def _dtype(self, segment: str, name: str) -> np.dtype[Any]:
         return np.dtype(self.trt.nptype(self.engines[segment].get_tensor_dtype(name)))
 
     def run(self, segment: str, feeds: Mapping[str, Any]) -> Mapping[str, Any]:
         trt, ctx, engine = self.trt, self.contexts[segment], self.engines[segment]
-        if segment == SEGMENTS[0]:
-            self.point = 0
         out_names = []
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
@@ -485,9 +483,7 @@ class _TrtSegments:
     def topk_union(self, aux: Any, k: int) -> tuple[Any, np.ndarray]:
         cuda, stream = self.cuda, self.stream
         rows, pixels = aux.shape[0], int(np.prod(aux.shape[1:]))
-        keep_buf = self.keep[self.point]
-        self.point += 1
-        keep_ptr = keep_buf.ensure(rows * 8)
+        keep_ptr = self.keep.ensure(rows * 8)
         self.host.ensure(max(aux.nbytes, (rows + 1) * 8))
         if self.kernel is not None:
             ws = self.kernel.workspace_size(rows)
@@ -516,7 +512,7 @@ class _TrtSegments:
         return self.host.array(tensor.dtype, tensor.shape).copy()
 
     def close(self) -> None:
-        for b in (*self.outputs.values(), *self.keep, self.count, self.workspace):
+        for b in (*self.outputs.values(), self.keep, self.count, self.workspace):
             b.close()
         self.host.close()
 
