@@ -19,6 +19,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper  # noqa: E402
+from planted import decoder_feed  # noqa: E402
 
 from sed_export.cer import topk_union  # noqa: E402
 from sed_export.onnx_cer import topk_union_graph  # noqa: E402
@@ -418,15 +419,7 @@ def test_standard_op_twin_still_matches_the_reference_after_rewrite(tiny_model, 
     for k in (1, 2, 8):
         with torch.inference_mode():
             ref = tiny_model.decode(feats, text, topk=k)
-        feed = {
-            "dense": feats.dense.numpy(),
-            "text": text.numpy(),
-            "res4": feats.res4.numpy(),
-            "res3": feats.res3.numpy(),
-            "res2": feats.res2.numpy(),
-            "k": np.array([k], np.int64),
-        }
-        scores, *kept = sess.run(None, feed)
+        scores, *kept = sess.run(None, decoder_feed(feats, text, k))
         assert [x.tolist() for x in kept] == [x.tolist() for x in ref.kept]
         np.testing.assert_allclose(scores, ref.scores.numpy(), atol=1e-3, rtol=0)
 

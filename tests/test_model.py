@@ -10,6 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+from planted import planted_inputs  # noqa: E402
+
 from sed_export.cer import topk_union  # noqa: E402
 from sed_export.config import load_model_config  # noqa: E402
 from sed_export.decoder import linear_attention  # noqa: E402
@@ -204,29 +206,13 @@ def _official_fast_decoder(dec, dense, text, guidance, k):
     return out, [torch.nonzero(v0)[:, 0], torch.nonzero(v0)[:, 0][v1], torch.nonzero(v0)[:, 0][v1][v2]]
 
 
-def _planted_inputs(model, n=25, seed=2):
-    """A nearly constant image map and classes with well separated similarities, so CER really rejects."""
-    g = torch.Generator().manual_seed(seed)
-    e = model.config.embed_dim
-    d = F.normalize(torch.randn(e, generator=g), dim=0)
-    dense = d.reshape(1, e, 1, 1) + 0.05 * torch.randn(1, e, 24, 24, generator=g)
-    sims = torch.linspace(-0.9, 0.9, n)[torch.randperm(n, generator=g)]
-    o = torch.randn(n, e, generator=g)
-    o = F.normalize(o - (o @ d)[:, None] * d, dim=-1)
-    text = (sims[:, None] * d + (1 - sims[:, None] ** 2).sqrt() * o)[:, None, :]
-    text = F.normalize(text + 0.05 * torch.randn(n, 80, e, generator=g), dim=-1)
-    with torch.inference_mode():
-        feats = model.encode_image(torch.zeros(1, 3, 768, 768))._replace(dense=dense)
-    return feats, text
-
-
 def test_cer_matches_official_fast_decoder():
     model = build_model(load_model_config("sed-tiny"), seed=9)
     dec = model.transformer
     with torch.no_grad():
         dec.head1.bias.zero_()
         dec.head2.bias.zero_()
-    feats, text = _planted_inputs(model)
+    feats, text = planted_inputs(model)
     rejected_later = False
     for k in (1, 2, 3, 5):
         with torch.inference_mode():

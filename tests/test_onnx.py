@@ -10,6 +10,8 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 F = torch.nn.functional
 
+from planted import decoder_feed, planted_inputs  # noqa: E402
+
 from sed_export.cer import topk_union  # noqa: E402
 from sed_export.config import load_model_config  # noqa: E402
 from sed_export.model import build_model  # noqa: E402
@@ -37,42 +39,15 @@ def decoder_fp32(model):
     return _session(g)
 
 
-def _planted(model, n, seed=2):
-    """Nearly constant image map and classes with separated similarities: CER keeps a real subset."""
-    g = torch.Generator().manual_seed(seed)
-    e = model.config.embed_dim
-    d = F.normalize(torch.randn(e, generator=g), dim=0)
-    dense = d.reshape(1, e, 1, 1) + 0.05 * torch.randn(1, e, 24, 24, generator=g)
-    sims = torch.linspace(-0.9, 0.9, n)[torch.randperm(n, generator=g)]
-    o = torch.randn(n, e, generator=g)
-    o = F.normalize(o - (o @ d)[:, None] * d, dim=-1)
-    text = (sims[:, None] * d + (1 - sims[:, None] ** 2).sqrt() * o)[:, None, :]
-    text = F.normalize(text + 0.05 * torch.randn(n, 80, e, generator=g), dim=-1)
-    with torch.inference_mode():
-        feats = model.encode_image(torch.zeros(1, 3, 768, 768))._replace(dense=dense)
-    return feats, text
-
-
-def _feed(feats, text, k):
-    return {
-        "dense": feats.dense.numpy(),
-        "text": text.numpy(),
-        "res4": feats.res4.numpy(),
-        "res3": feats.res3.numpy(),
-        "res2": feats.res2.numpy(),
-        "k": np.array([k], np.int64),
-    }
-
-
 @pytest.mark.parametrize("n", [1, 20, 150])
 def test_decoder_graph_matches_reference(model, decoder_fp32, n):
-    feats, text = _planted(model, n)
+    feats, text = planted_inputs(model, n)
     kept_sizes = []
     # k = all at N = 150 costs two full 150-class decodes on CPU; full mode is covered at N = 1 and 20.
     for k in (1, 2, 8) if n == 150 else (1, 2, 8, None):
         with torch.inference_mode():
             ref = model.decode(feats, text, topk=k)
-        scores, *kept = decoder_fp32.run(None, _feed(feats, text, n if k is None else k))
+        scores, *kept = decoder_fp32.run(None, decoder_feed(feats, text, n if k is None else k))
         assert scores.shape == (n, 192, 192) and scores.dtype == np.float32
         np.testing.assert_allclose(scores, ref.scores.numpy(), atol=1e-3, rtol=0)
         if k is None:
@@ -87,9 +62,9 @@ def test_decoder_graph_matches_reference(model, decoder_fp32, n):
 
 
 def test_k_larger_than_n_is_the_full_model(model, decoder_fp32):
-    feats, text = _planted(model, 5)
-    full, *_ = decoder_fp32.run(None, _feed(feats, text, 5))
-    huge, *kept = decoder_fp32.run(None, _feed(feats, text, 10_000))
+    feats, text = planted_inputs(model, 5)
+    full, *_ = decoder_fp32.run(None, decoder_feed(feats, text, 5))
+    huge, *kept = decoder_fp32.run(None, decoder_feed(feats, text, 10_000))
     np.testing.assert_array_equal(full, huge)
     assert all(len(x) == 5 for x in kept)
 
@@ -164,21 +139,28 @@ def test_fp16_graphs_agree_with_fp32_on_segmentation(model, decoder_fp32):
 def test_split_decoder_segments_equal_the_one_graph_decoder(model, tmp_path, precision):
     """The TensorRT fallback layout (four graphs, top-k union between them) computes what decoder.onnx does."""
     from sed_export.onnx_export import build_decoder_segments, export_decoder_parts, save_graph
-    from sed_runtime.split_decoder import LAYER_INPUTS, SEGMENTS, OrtSegments, run_split_decoder, segment_file
+    from sed_runtime.split_decoder import (
+        LAYER_INPUTS,
+        SEGMENTS,
+        SPLIT_DIR,
+        OrtSegments,
+        run_split_decoder,
+        segment_file,
+    )
 
     parts = export_decoder_parts(model, precision)
     whole = _session(build_decoder_graph(model, precision, parts))
     segments = build_decoder_segments(model, precision, parts)
     assert list(segments) == list(SEGMENTS)
-    (tmp_path / "decoder_split").mkdir()
+    (tmp_path / SPLIT_DIR).mkdir()
     for name, graph in segments.items():
         save_graph(graph, tmp_path / segment_file(name))  # full checker with strict shape inference
         if name != "decoder_pre":
             assert [i.name for i in graph.graph.input] == list(LAYER_INPUTS)
     runner = OrtSegments(tmp_path)
     n = 150
-    feats, text = _planted(model, n)
-    feeds = _feed(feats, text, 1)
+    feats, text = planted_inputs(model, n)
+    feeds = decoder_feed(feats, text, 1)
     shrunk_later = False
     for k in (1, 2, 8, n) if precision == "fp32" else (2, 8):
         ref_scores, *ref_kept = whole.run(None, {**feeds, "k": np.array([k], np.int64)})

@@ -19,8 +19,10 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from planted import planted_inputs  # noqa: E402
+
 from sed_runtime.backends.trt_backend import _Dev, _TrtSegments  # noqa: E402
-from sed_runtime.split_decoder import SEGMENTS, OrtSegments, run_split_decoder, segment_file  # noqa: E402
+from sed_runtime.split_decoder import SEGMENTS, SPLIT_DIR, OrtSegments, run_split_decoder, segment_file  # noqa: E402
 from sed_runtime.topk_union_rule import topk_union_reference  # noqa: E402
 
 ORT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
@@ -168,22 +170,12 @@ def split_folder(tmp_path_factory):
 
     model = build_model(load_model_config("sed-tiny"), seed=3)
     folder = tmp_path_factory.mktemp("split")
-    (folder / "decoder_split").mkdir()
+    (folder / SPLIT_DIR).mkdir()
     for name, graph in build_decoder_segments(model, "fp32").items():
         save_graph(graph, folder / segment_file(name))
-    with torch.inference_mode():
-        f = model.encode_image(torch.randn(1, 3, 768, 768, generator=torch.Generator().manual_seed(5)))
+    f, text = planted_inputs(model, 60, seed=6)
     feats = {name: getattr(f, name).numpy() for name in ("dense", "res4", "res3", "res2")}
-    # Classes whose similarity to a nearly uniform image map is spread out: CER at k = 1 keeps a real subset.
-    g = torch.Generator().manual_seed(6)
-    n, e = 60, 64
-    d = torch.nn.functional.normalize(torch.randn(e, generator=g), dim=0)
-    feats["dense"] = (d.reshape(1, e, 1, 1) + 0.05 * torch.randn(1, e, 24, 24, generator=g)).numpy()
-    sims = torch.linspace(-0.9, 0.9, n)[torch.randperm(n, generator=g)]
-    o = torch.randn(n, e, generator=g)
-    o = torch.nn.functional.normalize(o - (o @ d)[:, None] * d, dim=-1)
-    text = (sims[:, None] * d + (1 - sims[:, None] ** 2).sqrt() * o)[:, None, :]
-    text = torch.nn.functional.normalize(text + 0.05 * torch.randn(n, 80, e, generator=g), dim=-1).numpy()
+    text = text.numpy()
     return folder, feats, text
 
 
