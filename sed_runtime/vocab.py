@@ -18,7 +18,7 @@ from .errors import SedUserError
 
 __all__ = ["BUILTIN_VOCABULARIES", "Vocabulary", "builtin_vocabularies", "load_vocabulary"]
 
-BUILTIN_VOCABULARIES: tuple[str, ...] = ("ade150", "ade847", "coco", "pc459", "pc59", "voc20", "voc20b")
+BUILTIN_VOCABULARIES: tuple[str, ...] = ("ade150", "ade847", "coco", "pc459", "pc59", "voc20", "voc20b", "shapes")
 _INLINE_HINT = "--classes 'cat; dog, puppy; sky'"
 
 
