@@ -8,6 +8,7 @@ align_corners=False)`. Every step below copies that arithmetic, so backends see 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +48,16 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     if p.is_dir():
         raise SedUserError(f"{p} is a folder, not an image file; pass image files (.jpg, .png, ...)")
     try:
-        with Image.open(p) as im:
-            im.load()
-            oriented = ImageOps.exif_transpose(im)
-            # convert("RGB") like detectron2: RGBA/LA lose alpha without compositing; L/P/CMYK become RGB.
-            rgb = oriented.convert("RGB")
+        with warnings.catch_warnings():
+            # Pillow warns (two raw lines) above 89 MP; a photo that size is legitimate input, and it errors
+            # out by itself above twice that (DecompressionBombError, handled below).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                im.load()  # the first frame of a multi-frame file (GIF, TIFF): what detectron2 reads too
+                oriented = ImageOps.exif_transpose(im)
+                rgb = _to_rgb8(oriented, p)
+    except SedUserError:
+        raise
     except PermissionError as e:
         raise SedUserError(f"cannot read image {p}: permission denied; fix its permissions") from e
     except Image.DecompressionBombError as e:
@@ -63,6 +69,35 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise SedUserError(f"image {p} decoded to an unusable shape {arr.shape}; {_DECODE_FIX}")
     return np.ascontiguousarray(arr)
+
+
+def _to_rgb8(im: Image.Image, path: Path) -> Image.Image:
+    """8-bit RGB as detectron2 reads it, without Pillow's silent clipping of high-bit-depth modes.
+
+    RGBA/LA lose alpha without compositing and L/P/1/CMYK/YCbCr become RGB (Pillow's conversions). 16- and
+    32-bit integer grey ("I;16", "I") is scaled from its full range (65535 -> 255): Pillow's own convert() clips
+    every value above 255 to white. Float grey ("F") in [0, 1] is scaled by 255, in [0, 255] kept; anything else
+    is refused rather than guessed.
+    """
+    mode = im.mode
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # the documented route for palette transparency (no warning); alpha dropped next
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode == "F":
+            if not np.isfinite(a).all() or lo < 0 or hi > 255:
+                raise SedUserError(f"image {path} is a float image with values in [{lo:g}, {hi:g}]; only [0, 1] or "
+                                   "[0, 255] can be read: convert it to an 8-bit PNG or JPEG")
+            scale = 255.0 if hi <= 1.0 else 1.0
+        else:
+            if lo < 0 or hi > 65535:
+                raise SedUserError(f"image {path} has {mode} values in [{lo:g}, {hi:g}], outside 16 bits; convert it "
+                                   "to an 8-bit PNG or JPEG")
+            scale = 255.0 / 65535.0 if (mode.startswith("I;16") or hi > 255) else 1.0
+        grey = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    return im.convert("RGB")
 
 
 def shortest_edge_size(h: int, w: int, short: int = 640, max_size: int = 2560) -> tuple[int, int]:

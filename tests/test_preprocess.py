@@ -209,3 +209,61 @@ def test_runtime_modules_import_without_torch():
         "import sed_runtime.preprocess, sed_runtime.postprocess, sed_runtime.overlay, sed_runtime.errors\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def _mode_cases(tmp: Path) -> list[tuple[str, Path, np.ndarray]]:
+    """(name, file, expected HxWx3 uint8) for the image modes cameras, scanners and datasets produce."""
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    grey16 = rng.integers(0, 65536, (20, 30)).astype(np.uint16)
+    cases = []
+
+    def add(name: str, image: Image.Image, expected: np.ndarray, suffix: str = ".png", **save: object) -> None:
+        path = tmp / f"{name}{suffix}"
+        image.save(path, **save)
+        cases.append((name, path, expected))
+
+    exp16 = np.repeat(np.rint(grey16 / 257.0).astype(np.uint8)[..., None], 3, axis=2)
+    add("grey16", Image.fromarray(grey16), exp16)
+    f = (grey16 / 65535.0).astype(np.float32)
+    add("float01", Image.fromarray(f), np.repeat(np.rint(f.astype(np.float64) * 255).astype(np.uint8)[..., None], 3, 2),
+        suffix=".tif")
+    add("rgba", Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"), rgb)
+    la = Image.fromarray(np.dstack([rgb[..., 0], rgb[..., 1]]), "LA")
+    add("la", la, np.repeat(rgb[..., :1], 3, axis=2))
+    one = Image.fromarray(rgb[..., 0] > 127)
+    add("bilevel", one, np.repeat(np.where(rgb[..., :1] > 127, 255, 0).astype(np.uint8), 3, axis=2))
+    pal = Image.fromarray(rgb).quantize(16)
+    pal.info["transparency"] = 0
+    add("palette_transparent", pal, np.asarray(pal.convert("RGB")), transparency=0)
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    add("cmyk", cmyk, np.asarray(cmyk.convert("RGB")), suffix=".tif")
+    frames = [Image.fromarray(rgb).quantize(64), Image.fromarray(rgb[::-1].copy()).quantize(64)]
+    frames[0].save(tmp / "anim.gif", save_all=True, append_images=frames[1:])
+    cases.append(("multiframe", tmp / "anim.gif", np.asarray(Image.open(tmp / "anim.gif").convert("RGB"))))
+    return cases
+
+
+def test_every_common_image_mode_decodes_to_the_right_8bit_rgb(tmp_path):
+    for name, path, expected in _mode_cases(tmp_path):
+        got = load_image(path)
+        assert got.dtype == np.uint8 and got.shape == expected.shape, name
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+
+
+def test_images_that_cannot_be_read_faithfully_are_refused(tmp_path):
+    Image.fromarray(np.full((4, 4), 300.0, np.float32)).save(tmp_path / "hdr.tif")
+    with pytest.raises(SedUserError, match="float image with values in"):
+        load_image(tmp_path / "hdr.tif")
+
+
+def test_large_images_do_not_print_pillow_warnings(tmp_path, recwarn):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (20, 10)).save(path)
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 150  # 200 pixels: above the warning threshold, below the error (2x)
+    try:
+        load_image(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
