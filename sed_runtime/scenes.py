@@ -4,7 +4,7 @@ They give us a task a small SED can really learn on two CPU cores, so accuracy c
 chunking) are judged by mIoU against ground truth instead of on random weights. No torch here: the runtime,
 calibration, evaluation and tests all import it.
 
-A scene is one or two "stuff" regions (textured backgrounds: sky, grass, water, sand, wall, road) with 1-5
+A scene is one or two "stuff" regions (textured backgrounds: sky, grass, water, sand, wall, road) with 1-3
 "things" (flat-ish coloured shapes) on top, at random scale and rotation, occluding each other and cut by the
 image border. Label maps hold class indices of `SHAPES_CLASSES`; pixels on an anti-aliased shape edge are
 `IGNORE_INDEX` (255), as real datasets mark ambiguous boundaries.
@@ -72,7 +72,7 @@ def generate_scene(seed: int, index: int) -> Scene:
         mask = stuff_map == s
         image[mask] = _stuff_texture(rng, int(s), h, w)[mask]
     label = stuff_map.astype(np.uint8)
-    for _ in range(int(rng.integers(1, 6))):
+    for _ in range(int(rng.integers(1, 4))):
         _draw_thing(rng, image, label)
     pixels = np.clip(image + rng.normal(0.0, 3.0, image.shape), 0, 255)  # sensor noise
     return Scene(image=np.rint(pixels).astype(np.uint8), label=label, seed=int(seed), index=int(index))
@@ -204,7 +204,7 @@ def _draw_thing(rng: np.random.Generator, image: np.ndarray, label: np.ndarray) 
     cls = int(rng.integers(len(THINGS)))
     colour_name, kind = THINGS[cls].split(",")[0].split(" ")
     # Large enough to span a few cells of the cost volume (1/32 of the input): sed-shapes sees 12 x 12 of them.
-    r = rng.uniform(0.10, 0.28) * min(h, w)
+    r = rng.uniform(0.14, 0.32) * min(h, w)
     # centres may lie a little outside the frame, so some shapes are cut by the border
     cx, cy = rng.uniform(-0.1 * w, 1.1 * w), rng.uniform(-0.1 * h, 1.1 * h)
     outlines = _polygon(kind, cx, cy, r, rng.uniform(0, 2 * math.pi))
