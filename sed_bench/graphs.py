@@ -44,10 +44,12 @@ def bench_graphs(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Folder with encoder.onnx, decoder.onnx and a manifest for this model/weights/precision (cached)."""
+    from sed_export.checkpoint import resolve_weights
     from sed_export.config import load_model_config
 
     config = load_model_config(model_spec)
-    weights_id = "random-seed-0" if checkpoint is None else f"sha256:{sha256_file(Path(checkpoint))}"
+    weights_path, _ = resolve_weights(config, checkpoint)  # shipped weights when no checkpoint is given
+    weights_id = "random-seed-0" if weights_path is None else f"sha256:{sha256_file(weights_path)}"
     folder = work / f"{config.name}-{precision}-{graphs_key(config.to_dict(), weights_id, precision)}"
     if (folder / MANIFEST).is_file():
         return folder

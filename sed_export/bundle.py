@@ -54,14 +54,15 @@ def _io(model: Any) -> dict[str, list[dict[str, Any]]]:
 
 def model_with_weights(config: Any, checkpoint: Path | None, allow_pickle: bool = False) -> tuple[Any, dict[str, Any]]:
     """The model of `config` (seed 0) with `checkpoint` loaded if given, and the manifest's `weights` record."""
-    from .checkpoint import load_checkpoint_into
+    from .checkpoint import load_checkpoint_into, resolve_weights
     from .model import build_model
 
     model = build_model(config)
     weights: dict[str, Any] = {"source": "random", "seed": 0, "checkpoint_sha256": None}
-    if checkpoint is not None:
-        _, sha = load_checkpoint_into(model, checkpoint, allow_pickle=allow_pickle)
-        weights = {"source": "checkpoint", "checkpoint_sha256": sha, "checkpoint_name": Path(checkpoint).name}
+    path, source = resolve_weights(config, checkpoint)
+    if path is not None:
+        _, sha = load_checkpoint_into(model, path, allow_pickle=allow_pickle)
+        weights = {"source": source, "checkpoint_sha256": sha, "checkpoint_name": path.name}
     return model, weights
 
 

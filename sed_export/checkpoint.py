@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,12 +17,15 @@ import torch
 
 from sed_runtime.errors import SedUserError
 
+from .config import ModelConfig
 from .model import OFFICIAL_PREFIX, SedModel, official_state_dict
 
 # Keys that identify the official model families, to suggest the right --model on a mismatch.
 _FAMILY_HINTS = {
     "sed-b": (OFFICIAL_PREFIX + "clip_model.visual.head.proj.weight", (640, 1024)),
     "sed-l": (OFFICIAL_PREFIX + "clip_model.visual.head.mlp.fc2.weight", (768, 1536)),
+    "sed-tiny": (OFFICIAL_PREFIX + "clip_model.visual.head.proj.weight", (64, 320)),
+    "sed-shapes": (OFFICIAL_PREFIX + "clip_model.visual.head.proj.weight", (32, 256)),
 }
 
 
@@ -143,6 +147,28 @@ def load_checkpoint_into(model: SedModel, path: str | Path, allow_pickle: bool =
     own = {k.removeprefix(OFFICIAL_PREFIX): v for k, v in state.items() if k.startswith(OFFICIAL_PREFIX)}
     model.load_state_dict({k: own[k] for k in model.state_dict()}, strict=True)
     return report, file_sha256(path)
+
+
+def resolve_weights(config: ModelConfig, checkpoint: str | Path | None) -> tuple[Path | None, str]:
+    """Which weights to load: `checkpoint` when given, else the weights shipped for `config`, else none.
+
+    Returns (path or None, source) with source "checkpoint", "shipped" or "random". Shipped weights are
+    checked against their model card's sha256, so a damaged install fails loudly instead of giving bad masks.
+    """
+    if checkpoint is not None:
+        return Path(checkpoint), "checkpoint"
+    shipped = config.shipped_weights
+    if shipped is None:
+        return None, "random"
+    card = shipped.with_suffix(".card.json")
+    if not shipped.is_file() or not card.is_file():
+        raise SedUserError(f"the weights shipped for {config.name} ({shipped}) are missing; reinstall sed-deploy "
+                           "or pass --checkpoint")
+    expected = json.loads(card.read_text()).get("sha256")
+    if file_sha256(shipped) != expected:
+        raise SedUserError(f"{shipped} does not match the sha256 in {card.name}; the install is damaged, reinstall "
+                           "sed-deploy")
+    return shipped, "shipped"
 
 
 def save_official_checkpoint(model: SedModel, path: str | Path) -> None:

@@ -120,19 +120,28 @@ def build(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Export a bundle: encoder/decoder/text_encoder ONNX, tokenizer, embeddings, manifest, and TensorRT plans."""
+    from sed_runtime.cli_common import check_output_folder
     from sed_runtime.errors import SedUserError
     from sed_runtime.vocab import load_vocabulary
 
-    from .bundle import build_bundle
     from .config import load_model_config
-    from .trt_build import EngineOptions, build_plans, resolve_engine
-    from .trt_profiles import class_range
 
+    if precision not in ("fp32", "fp16"):  # checked here, before the heavy imports below
+        raise SedUserError(f"--precision must be fp32 or fp16, got {precision!r}")
+    config = load_model_config(model)
+    target = out or Path("engines") / f"{config.name}-{precision}"
+    if target.exists() and not force:
+        raise SedUserError(f"{target} already exists; pass --force to replace it or choose another --out")
+    check_output_folder(target)
     if (vocab is None) == (classes is None):
         raise SedUserError("pass exactly one of --vocab (e.g. ade150) or --classes 'cat; dog'")
     vocabulary = load_vocabulary(vocab, classes=classes)
     if workspace is not None and workspace <= 0:
         raise SedUserError(f"--workspace must be a positive number of GiB, got {workspace}")
+    from .bundle import build_bundle
+    from .trt_build import EngineOptions, build_plans, resolve_engine
+    from .trt_profiles import class_range
+
     choice = resolve_engine(engine)  # an explicit engine that cannot build fails here, before any export
     opts = EngineOptions(
         engine=choice.engine,
@@ -151,8 +160,6 @@ def build(
         def engine_build(folder: Path, graphs: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
             return build_plans(opts, folder, graphs, len(vocabulary), precision, log)
 
-    config = load_model_config(model)
-    target = out or Path("engines") / f"{config.name}-{precision}"
     build_bundle(
         model,
         vocabulary,
@@ -168,6 +175,71 @@ def build(
     print(f"bundle written to {target}")
     if choice.note:
         print(f"{choice.note}; the ONNX bundle runs with --backend ort")
+
+
+@app.command()
+@user_errors
+def train(
+    out: Annotated[Path, typer.Option(help="Folder for checkpoints, the loss log, the final weights and model card.")],
+    model: Annotated[str, typer.Option(help="Built-in model name or model JSON file to train.")] = "sed-shapes",
+    data: Annotated[str, typer.Option(help="Training data: 'shapes' (generated scenes, one new scene a step).")] = (
+        "shapes"),
+    steps: Annotated[int, typer.Option(help="Optimiser steps (batch 1).")] = 2000,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (linear warm-up, cosine decay).")] = 8e-4,
+    seed: Annotated[int, typer.Option(help="Seed of the weight initialisation.")] = 0,
+    data_seed: Annotated[int, typer.Option(help="Seed of the generated training scenes.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Write the resume state every this many steps.")] = 100,
+    text_steps: Annotated[int, typer.Option(help="Text-tower pretraining steps before it is frozen (a stand-in "
+                                            "for CLIP's pretraining; 0 keeps the random tower).")] = 300,
+    eval_images: Annotated[int, typer.Option(help="Held-out generated images scored into the model card.")] = 100,
+    threads: Annotated[Optional[int], typer.Option(help="Torch CPU threads (default: torch's).")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Ignore a resume state in --out and start over.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace the final weights of a finished run in --out.")] = (
+        False),
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train a SED on generated scenes with the official recipe; resumes from --out/last.pth when it exists."""
+    from sed_runtime.errors import SedUserError
+
+    if data != "shapes":
+        raise SedUserError(f"--data {data!r} is not supported; use 'shapes' (generated scenes)")
+    if steps < 1 or checkpoint_every < 1 or eval_images < 0 or lr <= 0 or text_steps < 0:
+        raise SedUserError("--steps and --checkpoint-every must be >= 1, --eval-images and --text-steps >= 0, "
+                           "--lr > 0")
+    if out.exists() and not out.is_dir():
+        raise SedUserError(f"--out {out} is a file; give a folder")
+    from .train import run_training
+
+    run_training(model, out, steps=steps, lr=lr, seed=seed, data_seed=data_seed, checkpoint_every=checkpoint_every,
+                 text_steps=text_steps, eval_images=eval_images, threads=threads, restart=restart, force=force,
+                 progress=progress)
+
+
+@app.command()
+@user_errors
+def scenes(
+    out: Annotated[Path, typer.Option(help="New folder: images/ and labels/ PNGs, as sed-eval reads them.")],
+    count: Annotated[int, typer.Option(help="Number of scenes.")] = 100,
+    seed: Annotated[int, typer.Option(help="Scene seed (training uses 0, sed-eval's held-out set 1000).")] = 1000,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
+) -> None:
+    """Write generated shapes scenes with their labels (vocabulary `shapes`) as a dataset folder."""
+    import shutil
+
+    from sed_runtime.errors import SedUserError
+    from sed_runtime.scenes import write_scene_folder
+
+    if count < 1:
+        raise SedUserError(f"--count must be >= 1, got {count}")
+    if out.exists():
+        if not out.is_dir():
+            raise SedUserError(f"--out {out} is a file; give a folder")
+        if not force:
+            raise SedUserError(f"{out} already exists; pass --force to replace it or choose another --out")
+    if out.exists():
+        shutil.rmtree(out)
+    write_scene_folder(out, seed, count)
+    print(f"{count} scenes (seed {seed}) written to {out}/images and {out}/labels")
 
 
 @app.command()

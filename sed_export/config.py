@@ -15,6 +15,7 @@ from sed_runtime.errors import SedUserError
 
 PROMPT_ENSEMBLES = ("imagenet",)
 CONFIG_DIR = Path(__file__).with_name("configs")  # package data, next to this module
+WEIGHTS_DIR = Path(__file__).with_name("weights")  # trained weights shipped with the package (model cards beside)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,12 @@ class ModelConfig:
     clip: dict[str, Any]
     sed: SedSettings
     description: str = ""
+    weights: str | None = None  # file name under sed_export/weights/: trained weights shipped with the package
+
+    @property
+    def shipped_weights(self) -> Path | None:
+        """Path of the weights shipped for this config (used when no --checkpoint is given), if any."""
+        return WEIGHTS_DIR / self.weights if self.weights else None
 
     @property
     def embed_dim(self) -> int:
@@ -52,6 +59,8 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = {"name": self.name, "description": self.description, "clip": self.clip, "sed": asdict(self.sed)}
+        if self.weights:
+            d["weights"] = self.weights
         return json.loads(json.dumps(d))  # tuples -> lists, deep copy
 
 
@@ -150,7 +159,16 @@ def model_config_from_dict(raw: Any, where: str = "model config") -> ModelConfig
         clip=_parse_clip(raw["clip"], where),
         sed=_parse_sed(raw["sed"], where),
         description=str(raw.get("description", "")),
+        weights=_parse_weights(raw.get("weights"), where),
     )
+
+
+def _parse_weights(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or "/" in value or "\\" in value or not value.endswith(".safetensors"):
+        raise SedUserError(f"{where}: 'weights' must be the file name of a .safetensors file in sed_export/weights")
+    return value
 
 
 def load_model_config(spec: str | Path) -> ModelConfig:

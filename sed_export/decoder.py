@@ -210,6 +210,27 @@ class SedDecoder(nn.Module):
         _, h, w = img.shape
         return torch.matmul(txt.reshape(n * p, e), img.reshape(e, h * w)).reshape(n, p, h, w)
 
+    def training_logits(
+        self, dense: torch.Tensor, text: torch.Tensor, guidance: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The official training forward: final logits (N, h, w) and the three aux heads' logits (N, h_i, w_i).
+
+        No CER (every class goes through). The aux heads see detached features, as in the official code, so
+        they learn to rank classes for CER without steering the main path.
+        """
+        corr = self.cost_volume(dense, text)
+        x = self.conv1(corr)
+        skips = [proj(g) for proj, g in zip(self.decoder_guidance_projection, guidance)]
+        layers = (self.decoder1, self.decoder2, self.decoder3)
+        aux_heads = (self.head0, self.head1, self.head2)
+        aux: list[torch.Tensor] = []
+        cg = corr
+        for i in range(3):
+            aux.append(aux_heads[i](x.detach())[:, 0])
+            cg = self.decoder_corr_guidance_projection[i](cg)
+            x = layers[i](x, skips[i], cg)
+        return self.head(x)[:, 0], aux
+
     def forward(
         self,
         dense: torch.Tensor,

@@ -25,9 +25,39 @@ class ImageFeatures(NamedTuple):
     res2: torch.Tensor  # (1, C2, 192, 192)
 
 
+# ConvNeXt trunks smaller than timm's smallest (convnext_atto), for models we train ourselves on CPU. Named
+# like timm's variants so a config can use them as `timm_model_name`; registered with timm on first use.
+SMALL_CONVNEXTS: dict[str, dict[str, tuple[int, ...]]] = {
+    "convnext_sed_micro": {"depths": (2, 2, 4, 2), "dims": (32, 64, 128, 256)},
+}
+
+
+def register_small_convnexts() -> None:
+    """Make `SMALL_CONVNEXTS` creatable with `timm.create_model` (as open_clip's TimmModel does)."""
+    from timm.models import is_model, register_model
+    from timm.models.convnext import _create_convnext
+
+    for name, arch in SMALL_CONVNEXTS.items():
+        if is_model(name):
+            continue
+
+        def builder(pretrained: bool = False, _name: str = name, _arch: dict = arch, **kwargs: object) -> nn.Module:
+            if pretrained:
+                raise ValueError(f"{_name} has no pretrained weights")
+            if kwargs.get("pretrained_cfg") is None:  # timm passes None; a config of our own keeps it quiet
+                kwargs["pretrained_cfg"] = {"architecture": _name}
+            return _create_convnext(_name, pretrained=False, **dict(_arch, conv_mlp=True, **kwargs))
+
+        builder.__name__ = name
+        builder.__module__ = __name__
+        register_model(builder)
+
+
 def build_clip(config: ModelConfig) -> nn.Module:
     """Instantiate the open_clip CLIP described by `config.clip`, with random weights (no download)."""
     import open_clip
+
+    register_small_convnexts()
 
     cfg = config.clip
     extra = {k: v for k, v in cfg.items() if k not in ("embed_dim", "vision_cfg", "text_cfg")}

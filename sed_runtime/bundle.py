@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends.base import InputSpec
+from .backends.base import InputSpec, weights_label
 from .errors import SedUserError
 
 FORMAT = "sed-deploy-bundle/1"
@@ -98,7 +98,7 @@ class Bundle:
         w = self.manifest["weights"]
         return {
             "checkpoint_sha256": w.get("checkpoint_sha256"),
-            "weights": "checkpoint" if w.get("source") == "checkpoint" else "random (no --checkpoint)",
+            "weights": weights_label(w.get("source"), w.get("checkpoint_name")),
         }
 
     @property

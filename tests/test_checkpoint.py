@@ -90,6 +90,14 @@ def test_family_guess():
     b = {OFFICIAL_PREFIX + "clip_model.visual.head.proj.weight": torch.zeros(640, 1024)}
     l_ = {OFFICIAL_PREFIX + "clip_model.visual.head.mlp.fc2.weight": torch.zeros(768, 1536)}
     assert guess_family(b) == "sed-b" and guess_family(l_) == "sed-l" and guess_family({}) is None
+    for name in ("sed-tiny", "sed-shapes"):  # the small built-ins are recognised from their real state dicts
+        assert guess_family(official_state_dict(build_model(load_model_config(name)))) == name
+
+
+def test_wrong_small_model_checkpoint_names_the_right_model(tmp_path, tiny_ckpt):
+    path, _ = tiny_ckpt
+    with pytest.raises(SedUserError, match="pass --model sed-tiny"):
+        load_checkpoint_into(build_model(load_model_config("sed-shapes")), path)
 
 
 def test_pickle_needs_opt_in(tmp_path, tiny_ckpt):

@@ -16,6 +16,15 @@ import numpy as np
 from ..vocab import Vocabulary
 
 
+def weights_label(source: str | None, name: str | None = None) -> str:
+    """How describe() names the weights: a checkpoint, the trained weights shipped for the model, or random."""
+    if source == "checkpoint":
+        return "checkpoint"
+    if source == "shipped":
+        return f"shipped ({name})" if name else "shipped"
+    return "random (no --checkpoint)"
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """How images must be prepared for this model (official test-time settings)."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import SedUserError
 from ..vocab import Vocabulary
-from .base import Backend, BackendResult, InputSpec
+from .base import Backend, BackendResult, InputSpec, weights_label
 
 
 class TorchBackend(Backend):
@@ -41,7 +41,7 @@ class TorchBackend(Backend):
             raise SedUserError(
                 "the torch backend needs PyTorch: pip install 'sed-deploy[export]', or use an ONNX bundle"
             ) from None
-        from sed_export.checkpoint import load_checkpoint_into
+        from sed_export.checkpoint import load_checkpoint_into, resolve_weights
         from sed_export.config import load_model_config, model_config_from_dict
         from sed_export.model import build_model
 
@@ -52,8 +52,10 @@ class TorchBackend(Backend):
         self.config = model_config_from_dict(model) if isinstance(model, dict) else load_model_config(model)
         self.model = build_model(self.config, seed=seed)
         self.checkpoint_sha256: str | None = None
-        if checkpoint is not None:
-            _, self.checkpoint_sha256 = load_checkpoint_into(self.model, checkpoint, allow_pickle=allow_pickle)
+        path, self.weights_source = resolve_weights(self.config, checkpoint)
+        if path is not None:
+            _, self.checkpoint_sha256 = load_checkpoint_into(self.model, path, allow_pickle=allow_pickle)
+            self.weights_name = path.name
         self.device = torch.device(device)
         self.model.to(self.device)
         self._torch = torch
@@ -156,7 +158,7 @@ class TorchBackend(Backend):
             "device": str(self.device),
             "precision": self.precision,
             "checkpoint_sha256": self.checkpoint_sha256,
-            "weights": "checkpoint" if self.checkpoint_sha256 else "random (no --checkpoint)",
+            "weights": weights_label(self.weights_source, getattr(self, "weights_name", None)),
             "torch": self._torch.__version__,
             "cer": self.cer,
         }

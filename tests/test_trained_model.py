@@ -1,0 +1,161 @@
+"""The shipped trained model (weights, model card, loading) and the training recipe (loss, freezing, resume)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sed_export.checkpoint import file_sha256, load_checkpoint_into, resolve_weights  # noqa: E402
+from sed_export.config import WEIGHTS_DIR, load_model_config  # noqa: E402
+from sed_export.model import build_model  # noqa: E402
+from sed_runtime.errors import SedUserError  # noqa: E402
+
+CARD = WEIGHTS_DIR / "sed-shapes.card.json"
+WEIGHTS = WEIGHTS_DIR / "sed-shapes.safetensors"
+
+
+def test_shipped_weights_match_their_model_card():
+    card = json.loads(CARD.read_text())
+    assert WEIGHTS.stat().st_size <= 10 * 2**20 and card["bytes"] == WEIGHTS.stat().st_size
+    assert file_sha256(WEIGHTS) == card["sha256"]
+    assert card["config"] == load_model_config("sed-shapes").to_dict()
+    assert card["data"]["seed"] == 0 and card["recipe"]["steps"] >= 1000
+    from sed_runtime.evaluation import EVAL_SEED
+
+    assert card["eval"]["seed"] == EVAL_SEED != card["data"]["seed"]  # held out: a seed training never used
+    assert card["eval"]["all"]["miou"] >= 70
+
+
+def test_shipped_weights_load_through_the_official_loader():
+    config = load_model_config("sed-shapes")
+    path, source = resolve_weights(config, None)
+    assert (path, source) == (WEIGHTS, "shipped")
+    model = build_model(config, seed=123)
+    report, sha = load_checkpoint_into(model, path)
+    assert report.fits and not report.unexpected and sha == json.loads(CARD.read_text())["sha256"]
+    from safetensors.torch import load_file
+
+    state = load_file(str(WEIGHTS))
+    key = "sem_seg_head.predictor.transformer.head.weight"
+    assert state[key].dtype == torch.float16
+    np.testing.assert_array_equal(model.transformer.head.weight.detach().half().numpy(), state[key].numpy())
+
+
+def test_damaged_shipped_weights_are_refused(tmp_path, monkeypatch):
+    import sed_export.config as config_module
+
+    shutil.copy(CARD, tmp_path / CARD.name)
+    data = bytearray(WEIGHTS.read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / WEIGHTS.name).write_bytes(bytes(data))
+    monkeypatch.setattr(config_module, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(SedUserError, match="does not match the sha256"):
+        resolve_weights(load_model_config("sed-shapes"), None)
+    (tmp_path / WEIGHTS.name).unlink()
+    with pytest.raises(SedUserError, match="missing"):
+        resolve_weights(load_model_config("sed-shapes"), None)
+
+
+def test_torch_backend_uses_the_shipped_weights_unless_given_a_checkpoint():
+    from sed_runtime.backends.torch_backend import TorchBackend
+
+    d = TorchBackend("sed-shapes").describe()
+    assert d["weights"] == "shipped (sed-shapes.safetensors)" and d["checkpoint_sha256"]
+    assert TorchBackend("sed-tiny").describe()["weights"].startswith("random")
+
+
+def test_loss_is_the_sum_of_four_bce_terms_at_label_size():
+    import torch.nn.functional as F
+
+    from sed_export.train import sed_loss
+
+    g = torch.Generator().manual_seed(0)
+    final = torch.randn(3, 8, 8, generator=g)
+    aux = [torch.randn(3, s, s, generator=g) for s in (1, 2, 4)]
+    target = (torch.rand(3, 32, 32, generator=g) > 0.5).float()
+    total, terms = sed_loss(final, aux, target)
+    ref = [F.binary_cross_entropy_with_logits(
+        F.interpolate(x[None], size=(32, 32), mode="bilinear", align_corners=False)[0], target) for x in [final, *aux]]
+    assert total.item() == pytest.approx(sum(r.item() for r in ref), rel=1e-6)
+    assert terms == pytest.approx([r.item() for r in ref], rel=1e-6)
+
+
+def test_text_tower_is_frozen_and_aux_heads_do_not_steer_the_main_path():
+    from sed_export.train import trainable_parameters
+
+    model = build_model(load_model_config("sed-shapes"))
+    params = trainable_parameters(model)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("clip_model.visual.", "transformer.")) for n in names)
+    assert "clip_model.token_embedding.weight" not in names and len(params) == len(names)
+    # The aux heads see detached features: their loss gives the decoder layers no gradient.
+    feats = model.encode_image(torch.randn(1, 3, 384, 384))
+    text = torch.nn.functional.normalize(torch.randn(4, 80, 32), dim=-1)
+    _, aux = model.transformer.training_logits(feats.dense, text, (feats.res4, feats.res3, feats.res2))
+    sum(a.sum() for a in aux).backward()
+    assert model.transformer.decoder1.cnext.dwconv.weight.grad is None
+    assert model.transformer.head1.weight.grad is not None
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """A run stopped in its last step (resume state at step 2) ends, once resumed, bit-identical to an
+    uninterrupted run; the loss log holds each step once."""
+    import sed_export.train as train_module
+    from sed_export.train import TrainSettings, train
+
+    config = load_model_config("sed-shapes")
+    full = train(config, tmp_path / "full", TrainSettings(steps=4, warmup_steps=2, checkpoint_every=1, text_steps=3),
+                 progress=False)
+
+    settings = TrainSettings(steps=4, warmup_steps=2, checkpoint_every=2, text_steps=3)
+    real_loss, calls = train_module.sed_loss, {"n": 0}
+
+    def interrupt_third(*args, **kwargs):  # stop inside step 3 (0-based), one step past the resume state
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "sed_loss", interrupt_third)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "cut", settings, progress=False)
+    monkeypatch.setattr(train_module, "sed_loss", real_loss)
+    assert torch.load(tmp_path / "cut" / "last.pth", weights_only=True)["step"] == 2
+    resumed = train(config, tmp_path / "cut", settings, progress=False)
+    a = torch.load(full, weights_only=True)["model"]
+    b = torch.load(resumed, weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = (tmp_path / "cut" / "loss_log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in log[1:]] == ["0", "1", "2", "3"]
+    with pytest.raises(SedUserError, match="other settings"):
+        train(config, tmp_path / "cut", TrainSettings(steps=5, warmup_steps=2, text_steps=3), progress=False)
+
+
+def test_text_pretraining_separates_the_classes_and_touches_only_the_text_tower():
+    """The random tower maps all shapes prompts to nearly one direction; the stand-in pretraining spreads them."""
+    import torch.nn.functional as F
+
+    from sed_export.train import _text_embeddings, pretrain_text
+    from sed_runtime.scenes import SHAPES_CLASSES
+    from sed_runtime.vocab import Vocabulary
+
+    vocab = Vocabulary("shapes", SHAPES_CLASSES)
+    model = build_model(load_model_config("sed-shapes"), seed=0)
+
+    def worst_pair() -> float:
+        m = F.normalize(_text_embeddings(model, vocab).mean(1), dim=-1)
+        return float((m @ m.T - 2 * torch.eye(len(vocab))).max())
+
+    visual = {k: v.clone() for k, v in model.clip_model.visual.state_dict().items()}
+    unused_row = model.clip_model.token_embedding.weight[40000].clone()
+    before = worst_pair()
+    pretrain_text(model, vocab.classes, steps=40, seed=0)
+    after = worst_pair()
+    assert before > 0.99 and after < before - 0.1, (before, after)
+    assert all(torch.equal(v, model.clip_model.visual.state_dict()[k]) for k, v in visual.items())
+    assert torch.equal(unused_row, model.clip_model.token_embedding.weight[40000])  # no weight decay
