@@ -18,12 +18,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from sed_runtime.cli_common import user_errors
+from sed_runtime.cli_common import check_output_folder, user_errors
 
 app = typer.Typer(help="Benchmark SED latency per stage over vocabularies x top-k (the paper's Table 7 grid).",
                   add_completion=False)
 
 DEFAULT_IMAGE = Path(__file__).resolve().parents[1] / "examples" / "images" / "astronaut.jpg"
+SHAPES_IMAGE = DEFAULT_IMAGE.with_name("shapes.jpg")  # the default for the trained model's vocabulary
 
 
 @app.command()
@@ -82,15 +83,18 @@ def main(
         raise SedUserError("--kept forces the CER points, but --topk all has none; add k values, e.g. --topk 1,8,all")
     vocab_list = parse_vocabs(vocabs)
     cells = build_grid(vocab_list, ks, kept_spec)
-    image_paths = expand_images([images] if images else [str(DEFAULT_IMAGE)])
+    default = SHAPES_IMAGE if all(v.name == "shapes" for _, v in vocab_list) else DEFAULT_IMAGE
+    image_paths = expand_images([images] if images else [str(default)])
     if checkpoint is not None and not checkpoint.is_file():
         raise SedUserError(f"checkpoint {checkpoint} not found; pass the official .pth/.safetensors file")
     if bundle is not None and not bundle.exists():
         raise SedUserError(f"bundle {bundle} not found; build one with `sed-export build` or drop the argument")
-    if out is not None and out.exists() and not force:
-        raise SedUserError(f"{out} already exists; pass --force to overwrite or choose another --out")
     if out is not None and out.exists() and not out.is_dir():
         raise SedUserError(f"--out {out} is a file; give a folder for the reports")
+    if out is not None and out.exists() and not force:
+        raise SedUserError(f"{out} already exists; pass --force to overwrite or choose another --out")
+    if out is not None:
+        check_output_folder(out)
 
     from .report import console_summary, finalize, write_reports
     from .runner import BenchConfig, run_bench

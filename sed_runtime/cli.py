@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli_common import expand_images, parse_topk, unique_stems, user_errors
+from .cli_common import check_output_folder, expand_images, parse_topk, unique_stems, user_errors
 
 app = typer.Typer(help="Run SED open-vocabulary segmentation on images.", no_args_is_help=True, add_completion=False)
 
@@ -31,7 +31,7 @@ def infer(
     vocab: Annotated[
         Optional[str],
         typer.Option(
-            help="Built-in vocabulary (ade150, ade847, coco, pc459, pc59, voc20, voc20b) or a .json/.txt "
+            help="Built-in vocabulary (ade150, ade847, coco, pc459, pc59, voc20, voc20b, shapes) or a .json/.txt "
             "file. Defaults to the bundle's vocabulary."
         ),
     ] = None,
@@ -43,7 +43,7 @@ def infer(
         ),
     ] = None,
     model: Annotated[
-        str, typer.Option(help="Built-in model (sed-tiny, sed-b, sed-l) or a model JSON file (without a bundle).")
+        str, typer.Option(help="Built-in model (sed-tiny, sed-shapes, sed-b, sed-l) or a model JSON (no bundle).")
     ] = "sed-tiny",
     checkpoint: Annotated[
         Optional[Path], typer.Option(help="Official SED .pth checkpoint. Without it the weights are random.")
@@ -67,6 +67,8 @@ def infer(
         bool, typer.Option("--save-npz", help="Also write scores, seg and kept indices (npz).")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    skip_existing: Annotated[bool, typer.Option(
+        "--skip-existing", help="Skip images whose outputs are all there (resume an interrupted run).")] = False,
     allow_pickle: Annotated[
         bool,
         typer.Option("--allow-pickle", help="Allow a checkpoint that needs pickle (runs code: trusted files only)."),
@@ -96,8 +98,17 @@ def infer(
             inputs = inputs[1:]
             if not inputs:
                 raise SedUserError("no images given after the bundle; pass image files, folders or globs")
+    elif not first.exists() and first.suffix.lower() not in IMAGE_SUFFIXES and not any(c in inputs[0] for c in "*?["):
+        raise SedUserError(f"{first} not found: the first argument is a bundle folder (from `sed-export build`) or "
+                           "an image; check the path")
+    paths = expand_images(inputs)  # existence only; decoding comes after the cheap checks
+    if bundle_dir is None:  # without a bundle the model comes from --model: check it before the vocabulary
+        from sed_export.config import load_model_config
+
+        load_model_config(model)
     if vocab is not None and classes is not None:
         raise SedUserError("pass either --vocab or --classes, not both")
+    check_output_folder(out)
     if vocab is None and classes is None:
         if bundle_dir is None:
             raise SedUserError("no vocabulary: pass --vocab ade150 (or a .json/.txt file) or --classes 'cat; dog'")
@@ -105,11 +116,20 @@ def infer(
         vocabulary = Vocabulary(voc["name"], tuple(voc["classes"]))
     else:
         vocabulary = load_vocabulary(vocab, classes=classes)
-    paths = expand_images(inputs)
     for p in paths:  # decode everything first: a bad image stops the run before anything is written
         load_image(p)
     stems = unique_stems(paths)
     planned = [output_paths(out, s, save_npz) for s in stems]
+    if force and skip_existing:
+        raise SedUserError("pass either --force (redo every image) or --skip-existing (only the missing ones)")
+    if skip_existing:  # outputs are written whole, so an image with every file present is done
+        todo = [i for i, d in enumerate(planned) if not all(p.exists() for p in d.values())]
+        if len(todo) < len(paths):
+            console.print(f"skipping {len(paths) - len(todo)} image(s) whose outputs exist in {out}", markup=False)
+        paths, planned = [paths[i] for i in todo], [planned[i] for i in todo]
+        if not paths:
+            console.print("nothing to do: every image already has its outputs", markup=False)
+            return
     refuse_overwrite([p for d in planned for p in d.values()], force)
 
     engine = make_backend(
@@ -129,18 +149,25 @@ def infer(
     pipe = SedPipeline(engine, vocabulary, topk=k, progress=progress)
     from tqdm import tqdm
 
-    for path, files in tqdm(
-        list(zip(paths, planned)), desc="images", unit="img", disable=not progress or len(paths) < 2
-    ):
-        image = load_image(path)
-        result = pipe(image)
-        extra = {"image": str(path), "vocabulary": vocabulary.name, **engine.describe()}
-        write_outputs(result, image, files, extra)
-        present = ", ".join(c["name"].split(", ")[0] for c in result.classes_present()[:5])
-        console.print(
-            f"{path}: {result.timings_ms['total']:.0f} ms, top classes: {present} -> {files['overlay']}", markup=False,
-            soft_wrap=True,  # one line per image, also when piped (rich would wrap at 80 columns)
-        )
+    done = 0
+    try:
+        for path, files in tqdm(
+            list(zip(paths, planned)), desc="images", unit="img", disable=not progress or len(paths) < 2
+        ):
+            image = load_image(path)
+            result = pipe(image)
+            extra = {"image": str(path), "vocabulary": vocabulary.name, **engine.describe()}
+            write_outputs(result, image, files, extra)
+            done += 1
+            present = ", ".join(c["name"].split(", ")[0] for c in result.classes_present()[:5])
+            console.print(
+                f"{path}: {result.timings_ms['total']:.0f} ms, top classes: {present} -> {files['overlay']}",
+                markup=False, soft_wrap=True,  # one line per image, also when piped (rich would wrap at 80 columns)
+            )
+    except KeyboardInterrupt:
+        console.print(f"interrupted: {done} of {len(paths)} images written whole to {out}; run the same command "
+                      "with --skip-existing to finish the rest", markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 if __name__ == "__main__":

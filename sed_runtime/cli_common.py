@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -91,3 +92,16 @@ def unique_stems(paths: list[Path]) -> list[str]:
         seen[p.stem] = n + 1
         stems.append(p.stem if n == 0 else f"{p.stem}-{n}")
     return stems
+
+
+def check_output_folder(out: Path, option: str = "--out") -> None:
+    """Before any work: `out` must be a folder that exists or can be created, and be writable (one line if not)."""
+    if out.exists() and not out.is_dir():
+        raise SedUserError(f"{option} {out} is a file; give a folder")
+    probe = out.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SedUserError(f"{option} {out} cannot be created: {probe} is a file; choose another folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SedUserError(f"{option} {out} is not writable ({probe} refuses new files); choose another folder")

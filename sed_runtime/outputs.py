@@ -59,7 +59,8 @@ def write_outputs(
     result: Segmentation, image: np.ndarray, paths: dict[str, Path], extra: dict[str, Any] | None = None
 ) -> None:
     """Render every file in memory first, then move each into place."""
-    names = [n.split(", ")[0].strip() for n in result.class_names]
+    # The legend names a class as the JSON does (synonyms included), shortened only when very long.
+    names = [n.strip() if len(n.strip()) <= 40 else n.strip()[:37] + "..." for n in result.class_names]
     png = io.BytesIO()
     render_overlay(image, result.seg, names).save(png, format="PNG")
     summary = {**(extra or {}), **result.summary()}

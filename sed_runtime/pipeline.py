@@ -39,6 +39,8 @@ class Segmentation:
             "image_size": {"height": h, "width": w},
             "num_classes": len(self.class_names),
             "topk": "all" if self.topk is None else self.topk,
+            "topk_note": (f"k >= {len(self.class_names)} classes keeps every class, the same as --topk all"
+                          if self.topk is not None and self.topk >= len(self.class_names) else None),
             "kept_counts": None if self.kept is None else [int(len(k)) for k in self.kept],
             "classes_present": self.classes_present(),
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},

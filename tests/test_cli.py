@@ -214,3 +214,46 @@ def test_missing_extra_is_one_line_exit_2(tmp_path) -> None:
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "pip install 'sed-deploy[export]'" in lines[0]
     assert not (tmp_path / "b").exists()
+
+
+def test_skip_existing_redoes_only_missing_outputs(images, cache_env, tmp_path):
+    out = tmp_path / "out"
+    args = ["infer", str(images), "--classes", CLASSES, "--topk", "2", "--out", str(out), "--no-progress"]
+    assert run("sed-run", *args, env_extra=cache_env).returncode == 0
+    (out / "portrait.json").unlink()
+    kept = (out / "landscape_overlay.png").stat().st_mtime_ns
+    r = run("sed-run", *args, "--skip-existing", env_extra=cache_env)
+    assert r.returncode == 0 and "skipping 1 image" in r.stderr, r.stderr
+    assert (out / "portrait.json").exists() and (out / "landscape_overlay.png").stat().st_mtime_ns == kept
+    r = run("sed-run", *args, "--skip-existing", env_extra=cache_env)
+    assert r.returncode == 0 and "nothing to do" in r.stderr
+    r = run("sed-run", *args, "--skip-existing", "--force", env_extra=cache_env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--skip-existing" in r.stderr
+
+
+def test_interrupted_run_says_how_to_resume(cache_env, tmp_path):
+    import signal
+    import time
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(src / f"im{i}.png")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([str(BIN / "sed-run"), "infer", str(src), "--classes", CLASSES, "--out", str(out),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **cache_env})
+    deadline = time.monotonic() + 300
+    while not (out / "im0.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("every image finished before the interrupt arrived")
+    assert proc.returncode == 130, err
+    line = [ln for ln in err.splitlines() if ln.startswith("interrupted:")]
+    assert len(line) == 1 and "--skip-existing" in line[0] and "Traceback" not in err, err
+    written = len(list(out.glob("*.json")))
+    assert f"interrupted: {written} of 8 images" in line[0]
+    assert all((out / f"{p.stem}_overlay.png").exists() for p in out.glob("*.json"))  # whole images only
