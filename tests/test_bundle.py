@@ -190,23 +190,49 @@ def test_embedding_size_mismatch_is_refused(bundle, env, monkeypatch):
         OrtBackend(bundle).text_embeddings(load_vocabulary(classes="cat; dog"))
 
 
-def test_fp16_bundle_agrees_with_fp32(tmp_path, env, monkeypatch):
-    out = tmp_path / "tiny16"
-    r = run(
-        "sed-export", "build", "--classes", CLASSES, "--precision", "fp16", "--out", str(out), "--no-progress", env=env
-    )
-    assert r.returncode == 0, r.stderr
-    r = run("sed-export", "check", str(out), "--image", str(IMAGE), "--topk", "all", env=env)
-    assert "precision            fp16" in r.stdout and "Traceback" not in r.stderr, r.stdout + r.stderr
-    # Random weights give near-equal class scores, so the >= 99% seg rule (meant for trained weights) can miss
-    # here; what must hold is fp16-sized score error and disagreement confined to near-tie pixels.
-    from sed_export.parity import compare_bundle
+SHAPES_IMAGE = ROOT / "examples" / "images" / "shapes.jpg"
 
-    monkeypatch.setenv("SED_CACHE_DIR", env["SED_CACHE_DIR"])
-    rep = compare_bundle(out, IMAGE, topk="all")
-    assert rep.max_abs_diff < 2e-3 and rep.text_max_abs_diff < 1e-5
-    assert 1 - rep.seg_agreement <= rep.near_ties + 0.005, rep.lines()
-    assert (r.returncode == 0) == rep.passed and ("PASSED" if rep.passed else "FAILED") in r.stdout
+
+@pytest.fixture(scope="module")
+def shapes_bundles(tmp_path_factory, env):
+    """fp32 and fp16 bundles of the shipped trained model (sed-shapes) with its vocabulary."""
+    root = tmp_path_factory.mktemp("shapes")
+    for precision in ("fp32", "fp16"):
+        r = run("sed-export", "build", "--model", "sed-shapes", "--vocab", "shapes", "--precision", precision,
+                "--out", str(root / precision), "--no-progress", env=env)
+        assert r.returncode == 0, r.stderr
+    return root
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("topk", ["all", "8"])
+def test_trained_bundle_passes_check(shapes_bundles, env, precision, topk):
+    """On trained weights the check's rules hold without exceptions: fp16 >= 99% seg agreement, fp32 exact."""
+    bundle = shapes_bundles / precision
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["weights"]["source"] == "shipped" and manifest["model"]["name"] == "sed-shapes"
+    r = run("sed-export", "check", str(bundle), "--image", str(SHAPES_IMAGE), "--topk", topk, env=env)
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout + r.stderr
+    assert f"precision            {precision}" in r.stdout
+
+
+def test_trained_bundle_segments_the_demo_image(shapes_bundles, env, tmp_path):
+    """The demo: the bundle on ONNX Runtime against the demo scene's label (shipped beside it)."""
+    from PIL import Image
+
+    from sed_runtime.metrics import ConfusionMatrix
+    from sed_runtime.pipeline import SedPipeline
+
+    label = np.asarray(Image.open(SHAPES_IMAGE.with_name("shapes_label.png")))
+    pipe = SedPipeline.from_bundle(shapes_bundles / "fp32", topk=8)
+    result = pipe(SHAPES_IMAGE)
+    cm = ConfusionMatrix(len(result.class_names))
+    cm.update(result.seg, label)
+    # Measured at commit: 76% of pixels right; sky and grass found, the shapes mostly misnamed (see the model
+    # card: backgrounds 78-96% IoU, shapes 0-16%). Chance is about 4%.
+    assert cm.metrics().pixel_accuracy > 0.7
+    present = {c["name"] for c in result.classes_present() if c["fraction"] > 0.05}
+    assert {"sky", "grass, lawn"} <= present, present
 
 
 def test_bad_build_arguments(env, tmp_path):
