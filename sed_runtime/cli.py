@@ -125,12 +125,14 @@ def infer(
     if skip_existing:  # outputs are written whole, so an image with every file present is done
         todo = [i for i, d in enumerate(planned) if not all(p.exists() for p in d.values())]
         if len(todo) < len(paths):
-            console.print(f"skipping {len(paths) - len(todo)} image(s) whose outputs exist in {out}", markup=False)
+            console.print(f"skipping {len(paths) - len(todo)} image(s) whose outputs exist in {out}", markup=False,
+                          soft_wrap=True)
         paths, planned = [paths[i] for i in todo], [planned[i] for i in todo]
         if not paths:
             console.print("nothing to do: every image already has its outputs", markup=False)
             return
-    refuse_overwrite([p for d in planned for p in d.values()], force)
+    if not skip_existing:  # with it, what remains are images an interrupted run left unfinished: redo them
+        refuse_overwrite([p for d in planned for p in d.values()], force)
 
     engine = make_backend(
         backend,

@@ -11,7 +11,7 @@ from sed_runtime.errors import SedUserError
 
 
 def test_builtins():
-    assert builtin_models() == ["sed-b", "sed-l", "sed-tiny"]
+    assert builtin_models() == ["sed-b", "sed-l", "sed-shapes", "sed-tiny"]
     b, l_ = load_model_config("sed-b"), load_model_config("sed-l")
     assert b.clip["vision_cfg"]["timm_model_name"] == "convnext_base" and b.embed_dim == 640
     assert l_.clip["vision_cfg"]["timm_proj"] == "mlp" and l_.embed_dim == 768
@@ -54,7 +54,7 @@ def test_bad_configs_are_one_line_errors(mutate, message):
 
 
 def test_unknown_name_and_bad_json(tmp_path):
-    with pytest.raises(SedUserError, match="unknown model 'sed-xl'.*sed-b, sed-l, sed-tiny"):
+    with pytest.raises(SedUserError, match="unknown model 'sed-xl'.*sed-b, sed-l, sed-shapes, sed-tiny"):
         load_model_config("sed-xl")
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")

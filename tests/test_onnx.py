@@ -158,11 +158,12 @@ def test_split_decoder_segments_equal_the_one_graph_decoder(model, tmp_path, pre
         if name != "decoder_pre":
             assert [i.name for i in graph.graph.input] == list(LAYER_INPUTS)
     runner = OrtSegments(tmp_path)
-    n = 150
-    feats, text = planted_inputs(model, n)
-    feeds = decoder_feed(feats, text, 1)
     shrunk_later = False
-    for k in (1, 2, 8, n) if precision == "fp32" else (2, 8):
+    # N = 64, and every class kept only at N = 24: with N = 150 (and k = N) this test took the suite to 17.7 GB RSS.
+    cases = [(64, 1), (64, 2), (64, 8), (24, 24)] if precision == "fp32" else [(64, 2), (64, 8)]
+    for n, k in cases:
+        feats, text = planted_inputs(model, n)
+        feeds = decoder_feed(feats, text, 1)
         ref_scores, *ref_kept = whole.run(None, {**feeds, "k": np.array([k], np.int64)})
         scores, kept = run_split_decoder(runner, feeds, feeds["text"], n, k)
         assert [x.tolist() for x in kept] == [x.tolist() for x in ref_kept]
