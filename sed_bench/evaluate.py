@@ -23,6 +23,8 @@ import numpy as np
 from sed_runtime.evaluation import Dataset
 from sed_runtime.metrics import ConfusionMatrix, SegMetrics
 
+from .measure import cpu_model
+
 __all__ = ["Cell", "EvalRun", "run_eval", "write_reports"]
 
 
@@ -57,17 +59,6 @@ class Cell:
         }
 
 
-def _cpu_name() -> str:
-    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _pct(x: float) -> float | None:
     return None if x is None or math.isnan(x) else round(100.0 * float(x), 3)
 
@@ -87,7 +78,7 @@ class EvalRun:
             "images": self.images,
             "num_classes": len(self.class_names),
             "classes": list(self.class_names),
-            "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count()},
+            "machine": {"platform": platform.platform(), "processor": cpu_model(), "cpus": os.cpu_count()},
             "backends": self.backends,
             "seconds": round(self.seconds, 1),
             "cells": [c.summary(self.class_names) for c in self.cells],
