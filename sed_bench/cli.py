@@ -89,12 +89,10 @@ def main(
         raise SedUserError(f"checkpoint {checkpoint} not found; pass the official .pth/.safetensors file")
     if bundle is not None and not bundle.exists():
         raise SedUserError(f"bundle {bundle} not found; build one with `sed-export build` or drop the argument")
-    if out is not None and out.exists() and not out.is_dir():
-        raise SedUserError(f"--out {out} is a file; give a folder for the reports")
-    if out is not None and out.exists() and not force:
-        raise SedUserError(f"{out} already exists; pass --force to overwrite or choose another --out")
     if out is not None:
         check_output_folder(out)
+        if out.exists() and not force:
+            raise SedUserError(f"{out} already exists; pass --force to overwrite or choose another --out")
 
     from .report import console_summary, finalize, write_reports
     from .runner import BenchConfig, run_bench

@@ -71,10 +71,8 @@ def main(
     if precision not in ("fp32", "fp16"):
         raise SedUserError(f"--precision must be fp32 or fp16, got {precision!r}")
     if out is not None:  # check where the reports go before any work
-        if out.exists() and not out.is_dir():
-            raise SedUserError(f"--out {out} is a file; give a folder")
-        refuse_overwrite([out / n for n in ("report.md", "results.json", "results.csv")], force)
         check_output_folder(out)
+        refuse_overwrite([out / n for n in ("report.md", "results.json", "results.csv")], force)
     generated = parse_scene_spec(data)
     if generated is None and seed is not None:
         raise SedUserError("--seed only applies to generated data (--data shapes:N)")

@@ -199,6 +199,7 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train a SED on generated scenes with the official recipe; resumes from --out/last.pth when it exists."""
+    from sed_runtime.cli_common import check_output_folder
     from sed_runtime.errors import SedUserError
 
     if data != "shapes":
@@ -206,8 +207,7 @@ def train(
     if steps < 1 or checkpoint_every < 1 or eval_images < 0 or lr <= 0 or text_steps < 0:
         raise SedUserError("--steps and --checkpoint-every must be >= 1, --eval-images and --text-steps >= 0, "
                            "--lr > 0")
-    if out.exists() and not out.is_dir():
-        raise SedUserError(f"--out {out} is a file; give a folder")
+    check_output_folder(out)
     from .train import run_training
 
     run_training(model, out, steps=steps, lr=lr, seed=seed, data_seed=data_seed, checkpoint_every=checkpoint_every,
@@ -226,17 +226,16 @@ def scenes(
     """Write generated shapes scenes with their labels (vocabulary `shapes`) as a dataset folder."""
     import shutil
 
+    from sed_runtime.cli_common import check_output_folder
     from sed_runtime.errors import SedUserError
     from sed_runtime.scenes import write_scene_folder
 
     if count < 1:
         raise SedUserError(f"--count must be >= 1, got {count}")
+    check_output_folder(out)
     if out.exists():
-        if not out.is_dir():
-            raise SedUserError(f"--out {out} is a file; give a folder")
         if not force:
             raise SedUserError(f"{out} already exists; pass --force to replace it or choose another --out")
-    if out.exists():
         shutil.rmtree(out)
     write_scene_folder(out, seed, count)
     print(f"{count} scenes (seed {seed}) written to {out}/images and {out}/labels")
