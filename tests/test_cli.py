@@ -238,14 +238,14 @@ def test_interrupted_run_says_how_to_resume(cache_env, tmp_path):
     src = tmp_path / "imgs"
     src.mkdir()
     rng = np.random.default_rng(1)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(src / f"im{i}.png")
+    for i in range(40):  # enough that the interrupt lands mid-run (8 sometimes all finished first)
+        Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(src / f"im{i:02d}.png")
     out = tmp_path / "out"
     proc = subprocess.Popen([str(BIN / "sed-run"), "infer", str(src), "--classes", CLASSES, "--out", str(out),
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **cache_env})
     deadline = time.monotonic() + 300
-    while not (out / "im0.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (out / "im00.json").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -255,5 +255,5 @@ def test_interrupted_run_says_how_to_resume(cache_env, tmp_path):
     line = [ln for ln in err.splitlines() if ln.startswith("interrupted:")]
     assert len(line) == 1 and "--skip-existing" in line[0] and "Traceback" not in err, err
     written = len(list(out.glob("*.json")))
-    assert f"interrupted: {written} of 8 images" in line[0]
+    assert f"interrupted: {written} of 40 images" in line[0]
     assert all((out / f"{p.stem}_overlay.png").exists() for p in out.glob("*.json"))  # whole images only
