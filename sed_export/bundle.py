@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from sed_runtime.bundle import FORMAT, MANIFEST, sha256_file
-from sed_runtime.errors import SedUserError
+from sed_runtime.errors import OutputError, SedUserError
 from sed_runtime.vocab import Vocabulary
 
 from . import __version__
@@ -145,9 +145,9 @@ def build_bundle(
     if precision not in PRECISIONS:
         raise SedUserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if out.exists() and not force:
-        raise SedUserError(f"{out} already exists; pass --force to replace it or choose another --out")
+        raise OutputError(f"{out} already exists; pass --force to replace it or choose another --out")
     if out.exists() and not (out / MANIFEST).is_file():
-        raise SedUserError(f"{out} exists and is not a bundle; refusing to replace it, choose another --out")
+        raise OutputError(f"{out} exists and is not a bundle; refusing to replace it, choose another --out")
     config = load_model_config(model_spec)
     model, weights = model_with_weights(config, checkpoint, allow_pickle)
     weights["text_tower_digest"] = text_tower_digest(model.clip_model)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from sed_runtime.errors import SedUserError
+from sed_runtime.errors import ModelError
 
 from .config import ModelConfig
 from .model import OFFICIAL_PREFIX, SedModel, official_state_dict
@@ -79,14 +79,14 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     """Read an official `.pth` (or a `.safetensors`) file into a flat state dict with official key names."""
     path = Path(path)
     if not path.is_file():
-        raise SedUserError(f"checkpoint {path} not found: pass the path of the official .pth file")
+        raise ModelError(f"checkpoint {path} not found: pass the path of the official .pth file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return dict(load_file(str(path)))
         except Exception as e:  # safetensors raises several types for a bad file
-            raise SedUserError(f"checkpoint {path} is not a readable safetensors file ({e})") from None
+            raise ModelError(f"checkpoint {path} is not a readable safetensors file ({e})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:
@@ -95,14 +95,14 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[str, t
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
         msg = f"{type(cause).__name__}: {first}"[:160] if first else type(cause).__name__
         if not allow_pickle and "Unsupported global" in str(e):
-            raise SedUserError(
+            raise ModelError(
                 f"checkpoint {path} holds pickled Python objects that weights_only loading refuses; "
                 "if you trust the file, re-run with --allow-pickle"
             ) from None
-        raise SedUserError(f"checkpoint {path} cannot be read ({msg}); is it a complete PyTorch .pth file?") from None
+        raise ModelError(f"checkpoint {path} cannot be read ({msg}); is it a complete PyTorch .pth file?") from None
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SedUserError(
+        raise ModelError(
             f"checkpoint {path} is not a state dict (expected {{'model': state_dict}} as the official files)"
         )
     return state
@@ -139,7 +139,7 @@ def load_checkpoint_into(model: SedModel, path: str | Path, allow_pickle: bool =
         family = guess_family(state)
         hint = f"; it looks like a {family} checkpoint, pass --model {family}" if family else ""
         example = (report.mismatched[0][0] if report.mismatched else report.missing[0]).removeprefix(OFFICIAL_PREFIX)
-        raise SedUserError(
+        raise ModelError(
             f"checkpoint {path} does not fit model {model.config.name}: {len(report.missing)} missing and "
             f"{len(report.mismatched)} shape-mismatched tensors (first: {example}){hint}; "
             "`sed-export keys` prints the full table"
@@ -162,11 +162,11 @@ def resolve_weights(config: ModelConfig, checkpoint: str | Path | None) -> tuple
         return None, "random"
     card = shipped.with_suffix(".card.json")
     if not shipped.is_file() or not card.is_file():
-        raise SedUserError(f"the weights shipped for {config.name} ({shipped}) are missing; reinstall sed-deploy "
+        raise ModelError(f"the weights shipped for {config.name} ({shipped}) are missing; reinstall sed-deploy "
                            "or pass --checkpoint")
     expected = json.loads(card.read_text()).get("sha256")
     if file_sha256(shipped) != expected:
-        raise SedUserError(f"{shipped} does not match the sha256 in {card.name}; the install is damaged, reinstall "
+        raise ModelError(f"{shipped} does not match the sha256 in {card.name}; the install is damaged, reinstall "
                            "sed-deploy")
     return shipped, "shipped"
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sed_runtime.errors import SedUserError
+from sed_runtime.errors import ModelError
 
 PROMPT_ENSEMBLES = ("imagenet",)
 CONFIG_DIR = Path(__file__).with_name("configs")  # package data, next to this module
@@ -98,7 +98,7 @@ def _fits(value: Any, kind: type) -> bool:
 
 def _parse_sed(raw: Any, where: str) -> SedSettings:
     if not isinstance(raw, dict):
-        raise SedUserError(f"{where}: 'sed' must be an object with keys {', '.join(_SED_FIELDS)}")
+        raise ModelError(f"{where}: 'sed' must be an object with keys {', '.join(_SED_FIELDS)}")
     missing = [k for k in _SED_FIELDS if k not in raw]
     unknown = [k for k in raw if k not in _SED_FIELDS]
     if missing or unknown:
@@ -107,40 +107,40 @@ def _parse_sed(raw: Any, where: str) -> SedSettings:
             parts.append(f"missing {', '.join(missing)}")
         if unknown:
             parts.append(f"unknown {', '.join(unknown)}")
-        raise SedUserError(f"{where}: 'sed' block has {'; '.join(parts)}; use the keys of a built-in config")
+        raise ModelError(f"{where}: 'sed' block has {'; '.join(parts)}; use the keys of a built-in config")
     values: dict[str, Any] = {}
     for key, (kind, length) in _SED_FIELDS.items():
         v = raw[key]
         if length is None:
             if not _fits(v, kind):
-                raise SedUserError(f"{where}: sed.{key} must be a {kind.__name__}, got {v!r}")
+                raise ModelError(f"{where}: sed.{key} must be a {kind.__name__}, got {v!r}")
             values[key] = kind(v)
         else:
             if not (isinstance(v, list) and len(v) == length and all(_fits(x, kind) for x in v)):
-                raise SedUserError(f"{where}: sed.{key} must be a list of {length} {kind.__name__}s, got {v!r}")
+                raise ModelError(f"{where}: sed.{key} must be a list of {length} {kind.__name__}s, got {v!r}")
             values[key] = tuple(kind(x) for x in v)
     s = SedSettings(**values)
     if s.prompt_ensemble not in PROMPT_ENSEMBLES:
-        raise SedUserError(f"{where}: sed.prompt_ensemble {s.prompt_ensemble!r} is not supported; use 'imagenet'")
+        raise ModelError(f"{where}: sed.prompt_ensemble {s.prompt_ensemble!r} is not supported; use 'imagenet'")
     if s.text_guidance_dim != 0:
-        raise SedUserError(f"{where}: sed.text_guidance_dim must be 0 (the official SED configs disable it)")
+        raise ModelError(f"{where}: sed.text_guidance_dim must be 0 (the official SED configs disable it)")
     if any(p < 1 for p in s.pooling_sizes) or min(s.decoder_dims + s.decoder_guidance_proj_dims) < 1:
-        raise SedUserError(f"{where}: sed dims and pooling_sizes must be positive")
+        raise ModelError(f"{where}: sed dims and pooling_sizes must be positive")
     if s.hidden_dims % s.num_heads or any(d % s.num_heads for d in s.decoder_dims[:2]):
-        raise SedUserError(f"{where}: sed.hidden_dims and decoder_dims[:2] must be divisible by num_heads")
+        raise ModelError(f"{where}: sed.hidden_dims and decoder_dims[:2] must be divisible by num_heads")
     if any(d % 16 for d in s.decoder_dims):
-        raise SedUserError(f"{where}: sed.decoder_dims must be multiples of 16 (GroupNorm uses dims // 16 groups)")
+        raise ModelError(f"{where}: sed.decoder_dims must be multiples of 16 (GroupNorm uses dims // 16 groups)")
     return s
 
 
 def _parse_clip(raw: Any, where: str) -> dict[str, Any]:
     if not isinstance(raw, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(raw):
-        raise SedUserError(f"{where}: 'clip' must be an open_clip model config with embed_dim, vision_cfg and text_cfg")
+        raise ModelError(f"{where}: 'clip' must be an open_clip model config with embed_dim, vision_cfg and text_cfg")
     vision = raw["vision_cfg"]
     if not isinstance(vision, dict) or "timm_model_name" not in vision:
-        raise SedUserError(f"{where}: clip.vision_cfg must name a timm ConvNeXt trunk (timm_model_name)")
+        raise ModelError(f"{where}: clip.vision_cfg must name a timm ConvNeXt trunk (timm_model_name)")
     if not str(vision["timm_model_name"]).startswith("convnext"):
-        raise SedUserError(
+        raise ModelError(
             f"{where}: clip.vision_cfg.timm_model_name {vision['timm_model_name']!r} is not a ConvNeXt; "
             "SED needs a ConvNeXt CLIP"
         )
@@ -150,10 +150,10 @@ def _parse_clip(raw: Any, where: str) -> dict[str, Any]:
 def model_config_from_dict(raw: Any, where: str = "model config") -> ModelConfig:
     """Validate a config dict; every problem becomes one SedUserError line."""
     if not isinstance(raw, dict):
-        raise SedUserError(f"{where}: expected a JSON object with 'name', 'clip' and 'sed'")
+        raise ModelError(f"{where}: expected a JSON object with 'name', 'clip' and 'sed'")
     for key in ("name", "clip", "sed"):
         if key not in raw:
-            raise SedUserError(f"{where}: missing '{key}'; see sed_export/configs/sed-b.json for the shape")
+            raise ModelError(f"{where}: missing '{key}'; see sed_export/configs/sed-b.json for the shape")
     return ModelConfig(
         name=str(raw["name"]),
         clip=_parse_clip(raw["clip"], where),
@@ -167,7 +167,7 @@ def _parse_weights(value: Any, where: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or "/" in value or "\\" in value or not value.endswith(".safetensors"):
-        raise SedUserError(f"{where}: 'weights' must be the file name of a .safetensors file in sed_export/weights")
+        raise ModelError(f"{where}: 'weights' must be the file name of a .safetensors file in sed_export/weights")
     return value
 
 
@@ -179,11 +179,11 @@ def load_model_config(spec: str | Path) -> ModelConfig:
         return model_config_from_dict(json.loads(text), where=spec_s)
     path = Path(spec_s)
     if not path.exists():
-        raise SedUserError(
+        raise ModelError(
             f"unknown model {spec_s!r}: use one of {', '.join(builtin_models())} or a path to a model JSON file"
         )
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SedUserError(f"cannot read model config {path}: {e}; pass a valid JSON file") from None
+        raise ModelError(f"cannot read model config {path}: {e}; pass a valid JSON file") from None
     return model_config_from_dict(raw, where=str(path))

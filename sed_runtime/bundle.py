@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .backends.base import InputSpec, weights_label
-from .errors import SedUserError
+from .errors import BundleError
 
 FORMAT = "sed-deploy-bundle/1"
 MANIFEST = "manifest.json"
@@ -52,19 +52,19 @@ class Bundle:
     def open(cls, path: str | Path, verify: bool = True) -> Bundle:
         root = find_bundle_dir(path)
         if root is None:
-            raise SedUserError(f"{path} is not a bundle (no {MANIFEST} beside it); build one with `sed-export build`")
+            raise BundleError(f"{path} is not a bundle (no {MANIFEST} beside it); build one with `sed-export build`")
         try:
             manifest = json.loads((root / MANIFEST).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SedUserError(f"{root / MANIFEST} is not valid JSON ({e}); rebuild the bundle with --force") from None
+            raise BundleError(f"{root / MANIFEST} is not valid JSON ({e}); rebuild the bundle with --force") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             found = manifest.get("format") if isinstance(manifest, dict) else None
-            raise SedUserError(
+            raise BundleError(
                 f"{root / MANIFEST} is not a {FORMAT} manifest (format {found!r}); rebuild it with this sed-deploy"
             )
         for key in ("model", "precision", "graphs", "files", "input", "templates", "weights"):
             if key not in manifest:
-                raise SedUserError(
+                raise BundleError(
                     f"{root / MANIFEST} lacks '{key}'; rebuild the bundle with `sed-export build --force`"
                 )
         bundle = cls(root=root, manifest=manifest)
@@ -77,9 +77,9 @@ class Bundle:
         for name, meta in self.manifest["files"].items():
             path = self.root / name
             if not path.is_file():
-                raise SedUserError(f"bundle file {path} is missing; rebuild the bundle with `sed-export build --force`")
+                raise BundleError(f"bundle file {path} is missing; rebuild the bundle with `sed-export build --force`")
             if path.stat().st_size != meta.get("bytes") or sha256_file(path) != meta.get("sha256"):
-                raise SedUserError(
+                raise BundleError(
                     f"bundle file {path} does not match its manifest hash (modified or truncated); "
                     "rebuild the bundle with `sed-export build --force`"
                 )

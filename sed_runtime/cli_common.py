@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from .errors import SedUserError
+from .errors import ImageError, OutputError, SedUserError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,17 +69,17 @@ def expand_images(items: list[str]) -> list[Path]:
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
             matches = [m for m in matches if m.is_file()]
             if not matches:
-                raise SedUserError(f"no image matches {item!r}; check the pattern")
+                raise ImageError(f"no image matches {item!r}; check the pattern")
             found.extend(matches)
         elif Path(item).is_dir():
             files = sorted(p for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
-                raise SedUserError(f"folder {item} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise ImageError(f"folder {item} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             found.extend(files)
         elif Path(item).is_file():
             found.append(Path(item))
         else:
-            raise SedUserError(f"image {item} not found; pass an existing file, folder or glob")
+            raise ImageError(f"image {item} not found; pass an existing file, folder or glob")
     return found
 
 
@@ -97,11 +97,11 @@ def unique_stems(paths: list[Path]) -> list[str]:
 def check_output_folder(out: Path, option: str = "--out") -> None:
     """Before any work: `out` must be a folder that exists or can be created, and be writable (one line if not)."""
     if out.exists() and not out.is_dir():
-        raise SedUserError(f"{option} {out} is a file; give a folder")
+        raise OutputError(f"{option} {out} is a file; give a folder")
     probe = out.absolute()
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise SedUserError(f"{option} {out} cannot be created: {probe} is a file; choose another folder")
+        raise OutputError(f"{option} {out} cannot be created: {probe} is a file; choose another folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise SedUserError(f"{option} {out} is not writable ({probe} refuses new files); choose another folder")
+        raise OutputError(f"{option} {out} is not writable ({probe} refuses new files); choose another folder")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SedUserError
+from .errors import DatasetError, SedUserError
 from .metrics import ConfusionMatrix, SegMetrics, reduce_zero_label
 from .scenes import IGNORE_INDEX, generate_scene
 
@@ -56,13 +56,13 @@ def _read_label(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-                raise SedUserError(f"label {path} has image mode {im.mode}; labels must be single-channel PNGs of "
+                raise DatasetError(f"label {path} has image mode {im.mode}; labels must be single-channel PNGs of "
                                    "class indices (8- or 16-bit)")
             return np.asarray(im).astype(np.int64)
     except SedUserError:
         raise
     except (OSError, ValueError, SyntaxError) as e:
-        raise SedUserError(f"cannot read label {path} ({' '.join(str(e).split())}); re-save it as a PNG") from None
+        raise DatasetError(f"cannot read label {path} ({' '.join(str(e).split())}); re-save it as a PNG") from None
 
 
 def folder_dataset(
@@ -75,26 +75,26 @@ def folder_dataset(
 
     for folder, what in ((images, "image"), (labels, "label")):
         if not folder.is_dir():
-            raise SedUserError(f"{what} folder {folder} not found; give a folder with images/ and labels/")
+            raise DatasetError(f"{what} folder {folder} not found; give a folder with images/ and labels/")
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
     if not files:
-        raise SedUserError(f"{images} holds no images; put the images in images/ and their label PNGs in labels/")
+        raise DatasetError(f"{images} holds no images; put the images in images/ and their label PNGs in labels/")
     pairs = []
     for f in files:
         lab = labels / f"{f.stem}.png"
         if not lab.is_file():
-            raise SedUserError(f"image {f} has no label ({lab} is missing); add it or remove the image")
+            raise DatasetError(f"image {f} has no label ({lab} is missing); add it or remove the image")
         with Image.open(f) as im:
             size = im.size
         label = _read_label(lab)
         if (label.shape[1], label.shape[0]) != size:
-            raise SedUserError(f"label {lab} is {label.shape[1]}x{label.shape[0]} but its image is "
+            raise DatasetError(f"label {lab} is {label.shape[1]}x{label.shape[0]} but its image is "
                                f"{size[0]}x{size[1]}; labels must have their image's size")
         if reduce_zero:
             label = reduce_zero_label(label, ignore_index)
         bad = (label != ignore_index) & ((label < 0) | (label >= num_classes))
         if bad.any():
-            raise SedUserError(f"label {lab} holds class {int(label[bad][0])}, outside the vocabulary's "
+            raise DatasetError(f"label {lab} holds class {int(label[bad][0])}, outside the vocabulary's "
                                f"0..{num_classes - 1} (ignore index {ignore_index}); pick the matching --vocab, "
                                "--ignore-index or --reduce-zero-label")
         pairs.append((f, lab))

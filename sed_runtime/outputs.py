@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SedUserError
+from .errors import OutputError
 from .overlay import render_overlay
 from .pipeline import Segmentation
 
@@ -28,7 +28,7 @@ def refuse_overwrite(paths: list[Path], force: bool) -> None:
     existing = [p for p in paths if p.exists()]
     if existing and not force:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise SedUserError(f"{existing[0]} already exists{more}; pass --force to overwrite or choose another --out")
+        raise OutputError(f"{existing[0]} already exists{more}; pass --force to overwrite or choose another --out")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import SedUserError
+from .errors import ImageError, SedUserError
 
 __all__ = [
     "Preprocessed",
@@ -44,9 +44,9 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """
     p = Path(path)
     if not p.exists():
-        raise SedUserError(f"image not found: {p}; check the path and that the file exists")
+        raise ImageError(f"image not found: {p}; check the path and that the file exists")
     if p.is_dir():
-        raise SedUserError(f"{p} is a folder, not an image file; pass image files (.jpg, .png, ...)")
+        raise ImageError(f"{p} is a folder, not an image file; pass image files (.jpg, .png, ...)")
     try:
         with warnings.catch_warnings():
             # Pillow warns (two raw lines) above 89 MP; a photo that size is legitimate input, and it errors
@@ -59,15 +59,15 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     except SedUserError:
         raise
     except PermissionError as e:
-        raise SedUserError(f"cannot read image {p}: permission denied; fix its permissions") from e
+        raise ImageError(f"cannot read image {p}: permission denied; fix its permissions") from e
     except Image.DecompressionBombError as e:
-        raise SedUserError(f"image {p} is too large to decode safely ({_one_line(e)}); downscale it first") from e
+        raise ImageError(f"image {p} is too large to decode safely ({_one_line(e)}); downscale it first") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL's errors for unknown/corrupt/truncated data
         reason = _one_line(e) or type(e).__name__
-        raise SedUserError(f"cannot decode image {p} ({reason}); {_DECODE_FIX}") from e
+        raise ImageError(f"cannot decode image {p} ({reason}); {_DECODE_FIX}") from e
     arr = np.asarray(rgb, dtype=np.uint8)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise SedUserError(f"image {p} decoded to an unusable shape {arr.shape}; {_DECODE_FIX}")
+        raise ImageError(f"image {p} decoded to an unusable shape {arr.shape}; {_DECODE_FIX}")
     return np.ascontiguousarray(arr)
 
 
@@ -87,12 +87,12 @@ def _to_rgb8(im: Image.Image, path: Path) -> Image.Image:
         lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
         if mode == "F":
             if not np.isfinite(a).all() or lo < 0 or hi > 255:
-                raise SedUserError(f"image {path} is a float image with values in [{lo:g}, {hi:g}]; only [0, 1] or "
+                raise ImageError(f"image {path} is a float image with values in [{lo:g}, {hi:g}]; only [0, 1] or "
                                    "[0, 255] can be read: convert it to an 8-bit PNG or JPEG")
             scale = 255.0 if hi <= 1.0 else 1.0
         else:
             if lo < 0 or hi > 65535:
-                raise SedUserError(f"image {path} has {mode} values in [{lo:g}, {hi:g}], outside 16 bits; convert it "
+                raise ImageError(f"image {path} has {mode} values in [{lo:g}, {hi:g}], outside 16 bits; convert it "
                                    "to an 8-bit PNG or JPEG")
             scale = 255.0 / 65535.0 if (mode.startswith("I;16") or hi > 255) else 1.0
         grey = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)

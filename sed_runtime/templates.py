@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import SedUserError
+from .errors import VocabularyError
 
 __all__ = ["class_prompts", "known_templates", "load_templates"]
 
@@ -28,7 +28,7 @@ def load_templates(name: str = "imagenet") -> tuple[str, ...]:
     """The prompt ensemble `name` (each template holds one "{}"), in the official order."""
     table = _all_templates()
     if name not in table:
-        raise SedUserError(f"unknown prompt template set {name!r}; use one of: {', '.join(sorted(table))}")
+        raise VocabularyError(f"unknown prompt template set {name!r}; use one of: {', '.join(sorted(table))}")
     return table[name]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SedUserError
+from .errors import VocabularyError
 
 
 def clean_text(text: str) -> str:
@@ -31,7 +31,7 @@ class ClipTokenizer:
         self._tok = tokenizer
         trunc = tokenizer.truncation
         if not trunc or not tokenizer.padding:
-            raise SedUserError("tokenizer.json has no fixed truncation/padding; re-export the bundle")
+            raise VocabularyError("tokenizer.json has no fixed truncation/padding; re-export the bundle")
         self.context_length = int(trunc["max_length"])
 
     @classmethod
@@ -41,7 +41,7 @@ class ClipTokenizer:
         try:
             return cls(Tokenizer.from_str(text))
         except Exception as exc:  # tokenizers raises plain Exception subclasses with long messages
-            raise SedUserError(f"tokenizer.json is not a valid tokenizer ({str(exc).splitlines()[0][:120]}); "
+            raise VocabularyError(f"tokenizer.json is not a valid tokenizer ({str(exc).splitlines()[0][:120]}); "
                                "re-export the bundle") from None
 
     @classmethod
@@ -50,7 +50,7 @@ class ClipTokenizer:
         try:
             return cls.from_str(p.read_text(encoding="utf-8"))
         except OSError as exc:
-            raise SedUserError(f"cannot read tokenizer {p}: {exc.strerror}; re-export the bundle") from None
+            raise VocabularyError(f"cannot read tokenizer {p}: {exc.strerror}; re-export the bundle") from None
 
     def __call__(self, texts: Sequence[str] | str) -> np.ndarray:
         if isinstance(texts, str):

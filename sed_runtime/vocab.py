@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SedUserError
+from .errors import VocabularyError
 
 __all__ = ["BUILTIN_VOCABULARIES", "Vocabulary", "builtin_vocabularies", "load_vocabulary"]
 
@@ -63,7 +63,7 @@ def load_vocabulary(spec: str | os.PathLike[str] | None = None, *, classes: str 
     Exactly one of the two must be given. Every problem raises a one-line `SedUserError`.
     """
     if (spec is None) == (classes is None):
-        raise SedUserError(
+        raise VocabularyError(
             "give exactly one vocabulary: a built-in name or class-list file, or an inline list "
             f"({_INLINE_HINT}), not {'both' if spec is not None else 'neither'}"
         )
@@ -89,7 +89,7 @@ def _normalise_synonyms(entry: str) -> str:
 
 def _parse_inline(text: str) -> tuple[str, ...]:
     if not text.strip():
-        raise SedUserError(f"--classes is empty; list at least one class, e.g. {_INLINE_HINT}")
+        raise VocabularyError(f"--classes is empty; list at least one class, e.g. {_INLINE_HINT}")
     return tuple(_normalise_synonyms(part) for part in text.split(";"))
 
 
@@ -103,14 +103,14 @@ def _load_spec(spec: str | os.PathLike[str]) -> tuple[Vocabulary, str]:
         ), key
     path = Path(text).expanduser()
     if path.is_dir():
-        raise SedUserError(f"vocabulary path {str(path)!r} is a folder; give a .json or .txt class-list file")
+        raise VocabularyError(f"vocabulary path {str(path)!r} is a folder; give a .json or .txt class-list file")
     if not path.exists():
         if _looks_like_path(text):
-            raise SedUserError(
+            raise VocabularyError(
                 f"vocabulary file {str(path)!r} not found; check the path, or use a built-in "
                 f"({_builtin_list()}) or {_INLINE_HINT}"
             )
-        raise SedUserError(
+        raise VocabularyError(
             f"unknown vocabulary {text!r}; use a built-in ({_builtin_list()}), a path to a .json/.txt "
             f"class-list file, or {_INLINE_HINT}"
         )
@@ -118,9 +118,9 @@ def _load_spec(spec: str | os.PathLike[str]) -> tuple[Vocabulary, str]:
     try:
         content = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise SedUserError(f"{source} is not UTF-8 text; save it as UTF-8") from None
+        raise VocabularyError(f"{source} is not UTF-8 text; save it as UTF-8") from None
     except OSError as e:
-        raise SedUserError(f"cannot read {source} ({e.strerror or e}); check its permissions") from None
+        raise VocabularyError(f"cannot read {source} ({e.strerror or e}); check its permissions") from None
     if path.suffix.lower() == ".json":
         names = _parse_json(content, source)
     else:
@@ -137,18 +137,18 @@ def _parse_json(content: str, source: str) -> tuple[str, ...]:
     try:
         data = json.loads(content)
     except json.JSONDecodeError as e:
-        raise SedUserError(
+        raise VocabularyError(
             f"{source} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
             'it must be a JSON list of class names like ["cat", "dog, puppy"]'
         ) from None
     if not isinstance(data, list):
-        raise SedUserError(
+        raise VocabularyError(
             f"{source} holds a JSON {type(data).__name__}, not a list; "
             'it must be a JSON list of class names like ["cat", "dog, puppy"]'
         )
     for i, item in enumerate(data):
         if not isinstance(item, str):
-            raise SedUserError(
+            raise VocabularyError(
                 f"{source}: item {i} is a {type(item).__name__} ({json.dumps(item)[:40]}), not a string; "
                 "every class name must be a JSON string"
             )
@@ -173,19 +173,19 @@ def _dup_key(name: str) -> str:
 def _validate(names: Iterable[str], source: str) -> None:
     names = tuple(names)
     if not names:
-        raise SedUserError(f"{source} has no classes; give at least one class name")
+        raise VocabularyError(f"{source} has no classes; give at least one class name")
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if not name.strip():
-            raise SedUserError(f"{source}: class {i} has an empty name; remove it or give it a name")
+            raise VocabularyError(f"{source}: class {i} has an empty name; remove it or give it a name")
         if any(not s.strip() for s in name.split(",")):
-            raise SedUserError(
+            raise VocabularyError(
                 f"{source}: class {i} ({name.strip()!r}) has an empty synonym; "
                 "separate synonyms with single commas and drop trailing ones"
             )
         key = _dup_key(name)
         if key in seen:
-            raise SedUserError(
+            raise VocabularyError(
                 f"{source}: duplicate class {name.strip()!r} (classes {seen[key]} and {i}); "
                 "each class may appear only once"
             )

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import SedUserError
+from ..errors import BundleError, SedUserError
 from ..vocab import Vocabulary
 from .base import Backend, BackendResult, InputSpec
 
@@ -49,7 +49,7 @@ def _session(path: Path, providers: list[str], threads: int | None, arena: bool 
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:  # ORT raises its own exception types for broken graphs
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise SedUserError(f"{path} cannot be loaded by ONNX Runtime ({first}); rebuild the bundle") from None
+        raise BundleError(f"{path} cannot be loaded by ONNX Runtime ({first}); rebuild the bundle") from None
 
 
 class BundleText:
