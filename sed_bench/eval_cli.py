@@ -98,7 +98,7 @@ def main(
     else:
         raise SedUserError("no vocabulary: pass --vocab naming the classes the label indices refer to")
 
-    from sed_runtime.evaluation import EVAL_SEED, folder_dataset, generated_dataset
+    from sed_runtime.evaluation import EVAL_SEED, folder_dataset, generated_dataset, run_eval
 
     if generated is not None:
         if vocabulary.name != "shapes":
@@ -114,7 +114,7 @@ def main(
     from sed_runtime.backends import make_backend
     from sed_runtime.pipeline import SedPipeline
 
-    from .evaluate import render_markdown, run_eval, write_reports
+    from .evaluate import render_markdown, write_reports
 
     pipelines = {}
     for name in backends:

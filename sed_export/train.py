@@ -266,22 +266,18 @@ def evaluate_weights(model: str | Path, weights: Path, images: int, topks: tuple
                      ) -> dict[str, Any]:
     """Held-out mIoU of `weights` (torch reference) on generated scenes, for the model card."""
     from sed_runtime.backends.torch_backend import TorchBackend
-    from sed_runtime.evaluation import EVAL_SEED, evaluate, generated_dataset
+    from sed_runtime.evaluation import EVAL_SEED, generated_dataset, run_eval
     from sed_runtime.pipeline import SedPipeline
 
-    backend = TorchBackend(model, weights)
     vocab = Vocabulary("shapes", SHAPES_CLASSES)
-    dataset = generated_dataset(images, EVAL_SEED)
-    results: dict[str, Any] = {"dataset": dataset.name, "seed": EVAL_SEED, "images": images, "backend": "torch fp32"}
-    for k in topks:
-        res = evaluate(SedPipeline(backend, vocab, topk=k, progress=False), dataset, len(vocab))
-        m = res.metrics
-        results["all" if k is None else f"k{k}"] = {
-            "miou": round(100 * m.miou, 2), "pixel_accuracy": round(100 * m.pixel_accuracy, 2),
-            "kept_counts": res.kept_counts,
-            "per_class_iou": {c: (None if np.isnan(v) else round(100 * float(v), 2))
-                              for c, v in zip(vocab.classes, m.iou)},
-        }
+    pipeline = SedPipeline(TorchBackend(model, weights), vocab, progress=False)
+    run = run_eval({"torch fp32": pipeline}, list(topks), generated_dataset(images, EVAL_SEED), len(vocab),
+                   progress=False)
+    results: dict[str, Any] = {"dataset": run.dataset, "seed": EVAL_SEED, "images": images, "backend": "torch fp32"}
+    for cell in run.cells:
+        summary = cell.summary(vocab.classes)
+        results[cell.k_label if cell.topk is None else f"k{cell.topk}"] = {
+            key: summary[key] for key in ("miou", "pixel_accuracy", "kept_counts_mean", "per_class_iou")}
     return results
 
 

@@ -7,10 +7,12 @@ before any work: every image needs a label of its size, and label values must be
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +20,7 @@ from .errors import DatasetError, SedUserError
 from .metrics import ConfusionMatrix, SegMetrics, reduce_zero_label
 from .scenes import IGNORE_INDEX, generate_scene
 
-__all__ = ["EVAL_SEED", "Dataset", "EvalResult", "evaluate", "folder_dataset", "generated_dataset"]
+__all__ = ["EVAL_SEED", "Dataset", "EvalCell", "EvalRun", "folder_dataset", "generated_dataset", "run_eval"]
 
 EVAL_SEED = 1000  # held-out scenes; `sed-export train` uses data seed 0 by default
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -107,38 +109,86 @@ def folder_dataset(
     return Dataset(str(images.parent), len(pairs), samples, ignore_index)
 
 
+def _pct(x: float | None) -> float | None:
+    return None if x is None or math.isnan(x) else round(100.0 * float(x), 3)
+
+
 @dataclass
-class EvalResult:
-    metrics: SegMetrics
+class EvalCell:
+    """One (backend, k) pair's running score: its confusion matrix, times, kept counts and agreement."""
+
+    backend: str
+    topk: int | None
+    cm: ConfusionMatrix
+    times_ms: list[float] = field(default_factory=list)
+    kept: list[np.ndarray] = field(default_factory=list)
+    agree: int = 0
+    pixels: int = 0
+
+    @property
+    def k_label(self) -> str:
+        return "all" if self.topk is None else str(self.topk)
+
+    def summary(self, class_names: tuple[str, ...]) -> dict[str, Any]:
+        """Percentages (3 decimals), median ms/image, mean kept counts per CER point."""
+        m: SegMetrics = self.cm.metrics()
+        kept = np.mean(np.stack(self.kept), axis=0).round(2).tolist() if self.kept else None
+        return {
+            "backend": self.backend,
+            "topk": self.k_label,
+            "miou": _pct(m.miou),
+            "pixel_accuracy": _pct(m.pixel_accuracy),
+            "mean_accuracy": _pct(m.mean_accuracy),
+            "seg_agreement_vs_reference": _pct(self.agree / self.pixels) if self.pixels else None,
+            "ms_per_image_median": round(float(np.median(self.times_ms)), 2) if self.times_ms else None,
+            "kept_counts_mean": kept,
+            "per_class_iou": {c: _pct(v) for c, v in zip(class_names, m.iou)},
+            "labelled_pixels": m.pixels,
+        }
+
+
+@dataclass
+class EvalRun:
+    dataset: str
     images: int
-    ms_per_image: float  # median of pipeline time per image (preprocess + model + postprocess)
-    kept_counts: list[float] | None  # mean classes kept at each CER point; None for k = all
-    timings_ms: dict[str, float] = field(default_factory=dict)  # median per stage
+    class_names: tuple[str, ...]
+    cells: list[EvalCell]
+    backends: dict[str, dict[str, Any]]  # label -> describe()
+    seconds: float
 
 
-def evaluate(pipeline: object, dataset: Dataset, num_classes: int, progress: bool = False) -> EvalResult:
-    """Run `pipeline` (a SedPipeline) over `dataset`, accumulating one confusion matrix; nothing else is kept."""
+def run_eval(pipelines: dict[str, Any], topks: list[int | None], dataset: Dataset, num_classes: int,
+             progress: bool = True) -> EvalRun:
+    """Score every (pipeline, k) pair on `dataset`, interleaved per image so machine noise hits all alike.
+
+    pipelines: label -> SedPipeline; the first is the reference for seg agreement at the same k (share of all
+    pixels where both predict the same class). Images are streamed: nothing per image is kept once scored.
+    """
     from tqdm import tqdm
 
-    cm = ConfusionMatrix(num_classes, dataset.ignore_index)
-    times: list[float] = []
-    stages: dict[str, list[float]] = {}
-    kept_sum: np.ndarray | None = None
+    cells = [EvalCell(label, k, ConfusionMatrix(num_classes, dataset.ignore_index))
+             for k in topks for label in pipelines]
+    first = next(iter(pipelines))
+    t0 = time.perf_counter()
+    images = 0
+    names: tuple[str, ...] = ()
     for sample in tqdm(dataset.samples(), total=dataset.size, desc="eval", unit="img", disable=not progress):
-        t0 = time.perf_counter()
-        result = pipeline(sample.image)  # type: ignore[operator]
-        times.append((time.perf_counter() - t0) * 1e3)
-        for k, v in result.timings_ms.items():
-            stages.setdefault(k, []).append(v)
-        cm.update(result.seg, sample.label)
-        if result.kept is not None:
-            counts = np.array([len(k) for k in result.kept], np.float64)
-            kept_sum = counts if kept_sum is None else kept_sum + counts
-    n = max(1, len(times))
-    return EvalResult(
-        metrics=cm.metrics(),
-        images=len(times),
-        ms_per_image=float(np.median(times)) if times else float("nan"),
-        kept_counts=None if kept_sum is None else [float(x) for x in kept_sum / n],
-        timings_ms={k: float(np.median(v)) for k, v in stages.items()},
-    )
+        ref_seg: dict[int | None, np.ndarray] = {}
+        for cell in cells:
+            pipe = pipelines[cell.backend]
+            pipe.topk = cell.topk
+            t = time.perf_counter()
+            result = pipe(sample.image)
+            cell.times_ms.append((time.perf_counter() - t) * 1e3)
+            cell.cm.update(result.seg, sample.label)
+            if result.kept is not None:
+                cell.kept.append(np.array([len(k) for k in result.kept], np.float64))
+            if cell.backend == first:
+                ref_seg[cell.topk] = result.seg
+            else:
+                cell.agree += int((result.seg == ref_seg[cell.topk]).sum())
+                cell.pixels += result.seg.size
+            names = result.class_names
+        images += 1
+    return EvalRun(dataset.name, images, names, cells, {k: p.backend.describe() for k, p in pipelines.items()},
+                   time.perf_counter() - t0)
