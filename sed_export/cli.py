@@ -191,6 +191,8 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="Write the resume state every this many steps.")] = 100,
     text_steps: Annotated[int, typer.Option(help="Text-tower pretraining steps before it is frozen (a stand-in "
                                             "for CLIP's pretraining; 0 keeps the random tower).")] = 300,
+    visual_steps: Annotated[int, typer.Option(help="Visual-tower pretraining steps aligning its dense features with "
+                                              "the class embeddings (a stand-in for CLIP's; 0 skips it).")] = 3000,
     eval_images: Annotated[int, typer.Option(help="Held-out generated images scored into the model card.")] = 100,
     threads: Annotated[Optional[int], typer.Option(help="Torch CPU threads (default: torch's).")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Ignore a resume state in --out and start over.")] = False,
@@ -204,14 +206,15 @@ def train(
 
     if data != "shapes":
         raise SedUserError(f"--data {data!r} is not supported; use 'shapes' (generated scenes)")
-    if steps < 1 or checkpoint_every < 1 or eval_images < 0 or lr <= 0 or text_steps < 0:
-        raise SedUserError("--steps and --checkpoint-every must be >= 1, --eval-images and --text-steps >= 0, "
-                           "--lr > 0")
+    if steps < 1 or checkpoint_every < 1 or lr <= 0 or min(eval_images, text_steps, visual_steps) < 0:
+        raise SedUserError("--steps and --checkpoint-every must be >= 1, --eval-images, --text-steps and "
+                           "--visual-steps >= 0, --lr > 0")
     check_output_folder(out)
     from .train import run_training
 
     run_training(model, out, steps=steps, lr=lr, seed=seed, data_seed=data_seed, checkpoint_every=checkpoint_every,
-                 text_steps=text_steps, eval_images=eval_images, threads=threads, restart=restart, force=force,
+                 text_steps=text_steps, visual_steps=visual_steps, eval_images=eval_images, threads=threads,
+                 restart=restart, force=force,
                  progress=progress)
 
 

@@ -94,12 +94,13 @@ def shapes_eval(tmp_path_factory, env):
 def test_shipped_model_scores_far_above_chance(shapes_eval):
     data, out, r = shapes_eval
     cells = {c["topk"]: c for c in data["cells"]}
-    # 24 classes: chance is about 4% mIoU. The shipped model reaches 24% mIoU and 87% pixel accuracy on 100
-    # held-out scenes (backgrounds learned, shapes mostly not); six images vary, a model that learned nothing
-    # fails these.
-    assert cells["all"]["miou"] > 15 and cells["all"]["pixel_accuracy"] > 75, cells["all"]
+    # 24 classes: chance is about 4% mIoU. The shipped model reaches 70.6% mIoU and 93% pixel accuracy on 200
+    # held-out scenes. On these six: mIoU 41.3 (few images: a class predicted on a few pixels where it is absent
+    # counts as IoU 0), pixel accuracy 92.6, mean accuracy 78.6. A model that learned nothing fails these.
+    assert cells["all"]["miou"] > 30 and cells["all"]["pixel_accuracy"] > 88, cells["all"]
+    assert cells["all"]["mean_accuracy"] > 65, cells["all"]
     # CER on a trained model rejects: at k = 1 the first point keeps far fewer than the 24 classes.
-    assert cells["1"]["kept_counts_mean"][0] < 12
+    assert cells["1"]["kept_counts_mean"][0] < 10  # measured 6.3
     assert {p.name for p in out.iterdir()} == {"report.md", "results.json", "results.csv"}
     report = (out / "report.md").read_text()
     assert "| torch fp32 | all |" in report and "Per-class IoU" in report and "mIoU" in r.stdout

@@ -28,11 +28,12 @@ def test_shipped_weights_match_their_model_card():
     from sed_runtime.evaluation import EVAL_SEED
 
     assert card["eval"]["seed"] == EVAL_SEED != card["data"]["seed"]  # held out: a seed training never used
-    # Measured at training time (100 held-out scenes): mIoU 24.0, pixel accuracy 87.0; backgrounds 78-96% IoU,
-    # shapes 0-16%. Chance is about 4% mIoU. These bounds catch a card or model that lost what it learned.
+    # Measured at training time (100 held-out scenes): mIoU 69.9, pixel accuracy 93.5; backgrounds 87-95% IoU,
+    # things 21-84%. Chance is about 4% mIoU. These bounds catch a card or model that lost what it learned.
     ev = card["eval"]["all"]
-    assert ev["miou"] >= 20 and ev["pixel_accuracy"] >= 80
-    assert all(ev["per_class_iou"][c] >= 70 for c in card["data"]["classes"][:6])
+    assert ev["miou"] >= 60 and ev["pixel_accuracy"] >= 90
+    iou = [ev["per_class_iou"][c] for c in card["data"]["classes"]]
+    assert min(iou[:6]) >= 80 and min(iou[6:]) >= 15 and sum(iou[6:]) / len(iou[6:]) >= 50
 
 
 def test_shipped_weights_load_through_the_official_loader():
@@ -73,7 +74,7 @@ def test_torch_backend_uses_the_shipped_weights_unless_given_a_checkpoint():
     assert TorchBackend("sed-tiny").describe()["weights"].startswith("random")
 
 
-def test_loss_is_the_sum_of_four_bce_terms_at_label_size():
+def test_loss_is_the_sum_of_four_bce_terms_at_label_size_plus_weighted_cross_entropy():
     import torch.nn.functional as F
 
     from sed_export.train import sed_loss
@@ -81,12 +82,19 @@ def test_loss_is_the_sum_of_four_bce_terms_at_label_size():
     g = torch.Generator().manual_seed(0)
     final = torch.randn(3, 8, 8, generator=g)
     aux = [torch.randn(3, s, s, generator=g) for s in (1, 2, 4)]
-    target = (torch.rand(3, 32, 32, generator=g) > 0.5).float()
-    total, terms = sed_loss(final, aux, target)
-    ref = [F.binary_cross_entropy_with_logits(
-        F.interpolate(x[None], size=(32, 32), mode="bilinear", align_corners=False)[0], target) for x in [final, *aux]]
-    assert total.item() == pytest.approx(sum(r.item() for r in ref), rel=1e-6)
-    assert terms == pytest.approx([r.item() for r in ref], rel=1e-6)
+    label = torch.randint(0, 3, (32, 32), generator=g)
+    label[:4] = 255  # ignored: all-zero targets, left out of the cross-entropy
+    target = torch.zeros(3, 32, 32)
+    keep = label != 255
+    target[label[keep], keep.nonzero()[:, 0], keep.nonzero()[:, 1]] = 1.0
+    ups = [F.interpolate(x[None], size=(32, 32), mode="bilinear", align_corners=False)[0] for x in [final, *aux]]
+    bce = [F.binary_cross_entropy_with_logits(u, target).item() for u in ups]
+    ce = F.cross_entropy(ups[0][None], label[None], ignore_index=255).item()
+    official, terms = sed_loss(final, aux, target)
+    assert official.item() == pytest.approx(sum(bce), rel=1e-6)
+    assert terms == pytest.approx([*bce, ce], rel=1e-5)
+    total, _ = sed_loss(final, aux, target, ce_weight=0.5)
+    assert total.item() == pytest.approx(sum(bce) + 0.5 * ce, rel=1e-6)
 
 
 def test_text_tower_is_frozen_and_aux_heads_do_not_steer_the_main_path():
@@ -113,10 +121,10 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     from sed_export.train import TrainSettings, train
 
     config = load_model_config("sed-shapes")
-    full = train(config, tmp_path / "full", TrainSettings(steps=4, warmup_steps=2, checkpoint_every=1, text_steps=3),
-                 progress=False)
+    full = train(config, tmp_path / "full", TrainSettings(steps=4, warmup_steps=2, checkpoint_every=1, text_steps=3,
+                                                          visual_steps=2), progress=False)
 
-    settings = TrainSettings(steps=4, warmup_steps=2, checkpoint_every=2, text_steps=3)
+    settings = TrainSettings(steps=4, warmup_steps=2, checkpoint_every=2, text_steps=3, visual_steps=2)
     real_loss, calls = train_module.sed_loss, {"n": 0}
 
     def interrupt_third(*args, **kwargs):  # stop inside step 3 (0-based), one step past the resume state
@@ -137,7 +145,8 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     log = (tmp_path / "cut" / "loss_log.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in log[1:]] == ["0", "1", "2", "3"]
     with pytest.raises(SedUserError, match="other settings"):
-        train(config, tmp_path / "cut", TrainSettings(steps=5, warmup_steps=2, text_steps=3), progress=False)
+        train(config, tmp_path / "cut", TrainSettings(steps=5, warmup_steps=2, text_steps=3, visual_steps=2),
+              progress=False)
 
 
 def test_text_pretraining_separates_the_classes_and_touches_only_the_text_tower():
@@ -160,6 +169,81 @@ def test_text_pretraining_separates_the_classes_and_touches_only_the_text_tower(
     before = worst_pair()
     pretrain_text(model, vocab.classes, steps=40, seed=0)
     after = worst_pair()
-    assert before > 0.99 and after < before - 0.1, (before, after)
+    assert before > 0.95 and after < before - 0.1, (before, after)  # measured 0.984 -> 0.528 in 40 steps
     assert all(torch.equal(v, model.clip_model.visual.state_dict()[k]) for k, v in visual.items())
     assert torch.equal(unused_row, model.clip_model.token_embedding.weight[40000])  # no weight decay
+
+
+def test_visual_pretraining_aligns_cells_with_their_class_and_touches_only_the_visual_tower():
+    """The stand-in for CLIP's image-text alignment: after it, the cost volume alone names the class of most cells
+    of held-out scenes (a random tower names about 1 in 24); the text tower and the decoder are untouched."""
+    import torch.nn.functional as F
+
+    from sed_export.train import (
+        TrainSettings,
+        _class_prototypes,
+        _text_embeddings,
+        cell_targets,
+        pretrain_text,
+        pretrain_visual,
+        sample,
+    )
+    from sed_runtime.backends.base import InputSpec
+    from sed_runtime.scenes import SHAPES_CLASSES
+    from sed_runtime.vocab import Vocabulary
+
+    torch.manual_seed(0)
+    config = load_model_config("sed-shapes")
+    vocab = Vocabulary("shapes", SHAPES_CLASSES)
+    model = build_model(config, seed=0)
+    pretrain_text(model, vocab.classes, steps=100, seed=0)
+    text = _text_embeddings(model, vocab)
+    spec = InputSpec(config.sed.input_size, config.sed.min_size_test, config.sed.max_size_test,
+                     config.sed.pixel_mean, config.sed.pixel_std)
+    protos = _class_prototypes(text)
+
+    def cell_accuracy() -> float:
+        right = total = 0
+        model.eval()
+        with torch.no_grad():
+            for i in range(12):
+                image, target = sample(spec, 1000, i, len(vocab))
+                dense = F.normalize(model.encode_image(image).dense, dim=1)[0]
+                pred = torch.einsum("ne,ehw->nhw", protos, dense).argmax(0)
+                frac, cells = cell_targets(target, tuple(pred.shape))
+                best = frac.max(0)
+                sure = cells & (best.values > 0.9)
+                right += int((pred[sure] == best.indices[sure]).sum())
+                total += int(sure.sum())
+        return right / total
+
+    kept = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("clip_model.visual.")}
+    before = cell_accuracy()
+    pretrain_visual(model, text, spec, TrainSettings(visual_steps=150, visual_lr=2e-3), progress=False)
+    after = cell_accuracy()
+    # Measured: 0.006 before, 0.70 after 150 steps (mostly the backgrounds, which cover most cells).
+    assert after > 0.5 and after > before + 0.3, (before, after)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in kept.items())
+
+
+def test_balanced_cross_entropy_weighs_things_and_stuff_equally():
+    """A few thing pixels count as much as many stuff pixels: the mean of each part, summed."""
+    import torch.nn.functional as F
+
+    from sed_export.train import balanced_cross_entropy
+    from sed_runtime.scenes import STUFF
+
+    n = len(STUFF) + 2
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(n, 4, 4, generator=g)
+    label = torch.zeros(4, 4, dtype=torch.long)  # stuff class 0 ...
+    label[0, :2] = len(STUFF)  # ... but two thing pixels
+    target = F.one_hot(label, n).permute(2, 0, 1).float()
+    labelled = torch.ones(4, 4, dtype=torch.bool)
+    labelled[3, 3] = False  # an unlabelled pixel is in neither part
+    ce = F.cross_entropy(logits[None], label[None], reduction="none")[0]
+    things = label >= len(STUFF)
+    expected = ce[things].mean() + ce[~things & labelled].mean()
+    assert balanced_cross_entropy(logits, target, labelled).item() == pytest.approx(expected.item(), rel=1e-6)
+    only_stuff = balanced_cross_entropy(logits, target, labelled & ~things)
+    assert only_stuff.item() == pytest.approx(ce[~things & labelled].mean().item(), rel=1e-6)
