@@ -216,25 +216,6 @@ def test_trained_bundle_passes_check(shapes_bundles, env, precision, topk):
     assert f"precision            {precision}" in r.stdout
 
 
-def test_trained_bundle_segments_the_demo_image(shapes_bundles, env, tmp_path):
-    """The demo: the bundle on ONNX Runtime against the demo scene's label (shipped beside it)."""
-    from PIL import Image
-
-    from sed_runtime.metrics import ConfusionMatrix
-    from sed_runtime.pipeline import SedPipeline
-
-    label = np.asarray(Image.open(SHAPES_IMAGE.with_name("shapes_label.png")))
-    pipe = SedPipeline.from_bundle(shapes_bundles / "fp32", topk=8)
-    result = pipe(SHAPES_IMAGE)
-    cm = ConfusionMatrix(len(result.class_names))
-    cm.update(result.seg, label)
-    # Measured at commit: 76% of pixels right; sky and grass found, the shapes mostly misnamed (see the model
-    # card: backgrounds 78-96% IoU, shapes 0-16%). Chance is about 4%.
-    assert cm.metrics().pixel_accuracy > 0.7
-    present = {c["name"] for c in result.classes_present() if c["fraction"] > 0.05}
-    assert {"sky", "grass, lawn"} <= present, present
-
-
 def test_bad_build_arguments(env, tmp_path):
     for args, message in [
         (["--classes", "cat", "--precision", "fp8"], "--precision"),
