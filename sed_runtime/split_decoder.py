@@ -105,6 +105,8 @@ class OrtSegments:
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # Four sessions run one after another; with arenas each would keep its own peak (the sum, not the max).
+        opts.enable_cpu_mem_arena = False
         self.sessions = {
             s: ort.InferenceSession(str(folder / segment_file(s)), opts, providers=list(providers)) for s in SEGMENTS
         }

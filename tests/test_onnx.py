@@ -20,7 +20,11 @@ from sed_export.onnx_export import build_decoder_graph, build_encoder_graph, che
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    """No memory arena: module-scoped sessions would otherwise keep their largest run's arena (GBs at N = 150)
+    for the rest of the module."""
+    opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = False
+    return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")

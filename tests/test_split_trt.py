@@ -87,7 +87,9 @@ class FakeEngine:
     """An `ICudaEngine` stand-in over one segment's ONNX (ONNX Runtime does the math)."""
 
     def __init__(self, path: Path) -> None:
-        self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        opts.enable_cpu_mem_arena = False  # four segments' arenas would add up across the test
+        self.sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: ORT_TYPES[i.type] for i in self.sess.get_inputs()}
         self.outputs = {o.name: ORT_TYPES[o.type] for o in self.sess.get_outputs()}
         self.names = [*self.inputs, *self.outputs]
