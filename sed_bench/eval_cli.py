@@ -120,8 +120,8 @@ def main(
     for name in backends:
         targets = [bundle_dir] if name == "torch" or not bundle_dirs else bundle_dirs
         for target in targets:
-            engine = make_backend(name, bundle=target, model=model, checkpoint=checkpoint, device=device,
-                                  torch_precision=precision)
+            engine = make_backend(name, bundle=target, model=model, checkpoint=checkpoint,
+                                  device=device if name in ("torch", "auto") else "cpu", torch_precision=precision)
             if engine.name == "torch":
                 label = f"torch {precision}"
             else:

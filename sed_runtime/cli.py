@@ -81,7 +81,7 @@ def infer(
     from .backends import make_backend
     from .bundle import Bundle, find_bundle_dir
     from .cli_common import IMAGE_SUFFIXES
-    from .errors import SedUserError
+    from .errors import BundleError, SedUserError
     from .outputs import output_paths, refuse_overwrite, write_outputs
     from .preprocess import load_image
     from .vocab import Vocabulary, load_vocabulary
@@ -94,6 +94,9 @@ def infer(
         bundle_dir = find_bundle_dir(first)
         if bundle_dir is None and first.is_file():
             raise SedUserError(f"{first} is neither an image nor a file of a bundle (no manifest.json beside it)")
+        if bundle_dir is None and any(first.glob("*.onnx")):
+            raise BundleError(f"{first} holds ONNX graphs but no manifest.json, so it is not a whole bundle; "
+                              "rebuild it with `sed-export build --force`")
         if bundle_dir is not None:
             inputs = inputs[1:]
             if not inputs:

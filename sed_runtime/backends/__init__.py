@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def make_backend(
     bundle, the PyTorch reference for a model name or config."""
     if backend not in BACKENDS:
         raise SedUserError(f"unknown --backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise SedUserError(f"unknown --device {device!r}; use cpu, cuda or cuda:N")
     if backend == "auto":
         backend = "ort" if bundle is not None else "torch"
         if bundle is not None:
@@ -48,6 +51,9 @@ def make_backend(
     if backend == "ort":
         if bundle is None:
             raise SedUserError("--backend ort runs a bundle: build one with `sed-export build` and pass its folder")
+        if device != "cpu":
+            raise SedUserError(f"--device {device} is for --backend torch; ONNX Runtime takes its device from "
+                               "--providers (cuda, tensorrt or auto)")
         from .ort_backend import OrtBackend
 
         return OrtBackend(bundle, providers=providers, low_memory=low_memory)
