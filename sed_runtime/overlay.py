@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .postprocess import class_fractions
 
-__all__ = ["palette", "render_overlay"]
+__all__ = ["FALLBACK_FONTS", "palette", "render_overlay"]
 
 MAX_LEGEND_ENTRIES = 40
 _MAX_NAME_CHARS = 40
@@ -34,6 +34,25 @@ def palette(num: int) -> np.ndarray:
     return (np.asarray(rgb, dtype=np.float64).reshape(num, 3) * 255 + 0.5).astype(np.uint8)
 
 
+# Fonts tried, in order, for a legend label the built-in font cannot draw (it covers basic Latin only: not even
+# "é"). SED_FONT (a .ttf/.otf/.ttc file) goes first. Labels no font here can draw show the missing characters
+# as U+XXXX, so a class name is never a row of boxes; the JSON summary always holds the exact names.
+FALLBACK_FONTS: tuple[str, ...] = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",  # Latin, Greek, Cyrillic (Debian, Ubuntu)
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",  # fonts-noto-cjk
+    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/google-noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
+    "/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf",  # emoji as outlines
+    "/System/Library/Fonts/Hiragino Sans GB.ttc",
+    "/System/Library/Fonts/Supplemental/Arial Unicode.ttf",
+    "C:/Windows/Fonts/msyh.ttc",
+    "C:/Windows/Fonts/seguisym.ttf",
+    "C:/Windows/Fonts/arial.ttf",
+)
+_NOT_A_GLYPH = "\U000F0000"  # a private-use code point: fonts draw their "missing glyph" box for it
+
+
 def _font(size: int) -> Font:
     """Pillow's built-in font, scaled where Pillow supports it (>= 10.1), else the fixed bitmap one."""
     try:
@@ -42,13 +61,54 @@ def _font(size: int) -> Font:
         return ImageFont.load_default()
 
 
-def _label(name: str, fraction: float, font: Font) -> str:
+class _LegendFonts:
+    """The built-in font first, then the fallbacks that exist here, loaded on first need, at one size."""
+
+    def __init__(self, size: int) -> None:
+        import os
+
+        self.size = size
+        self.default = _font(size)
+        extra = os.environ.get("SED_FONT")
+        self._paths = [p for p in ((extra,) if extra else ()) + FALLBACK_FONTS if os.path.isfile(p)]
+        self._loaded: list[Font] | None = None
+
+    def _fallbacks(self) -> list[Font]:
+        if self._loaded is None:
+            self._loaded = []
+            for path in self._paths:
+                try:
+                    self._loaded.append(ImageFont.truetype(path, self.size))
+                except OSError:  # unreadable or not a font: skip it
+                    continue
+        return self._loaded
+
+    @staticmethod
+    def _draws(font: Font, ch: str) -> bool:
+        if ch.isspace():
+            return True
+        if not isinstance(font, ImageFont.FreeTypeFont):  # the bitmap font only encodes latin-1
+            return ord(ch) < 256
+        glyph = font.getmask(ch)
+        missing = font.getmask(_NOT_A_GLYPH)
+        return glyph.size != missing.size or bytes(glyph) != bytes(missing)
+
+    def pick(self, text: str) -> tuple[Font, str]:
+        """The first font that draws every character of `text`; else the one drawing most, with the rest as U+XXXX."""
+        best, best_count = self.default, -1
+        for font in (self.default, *self._fallbacks()):
+            count = sum(self._draws(font, ch) for ch in text)
+            if count == len(text):
+                return font, text
+            if count > best_count:
+                best, best_count = font, count
+        return best, "".join(ch if self._draws(best, ch) else f"U+{ord(ch):04X}" for ch in text)
+
+
+def _label(name: str, fraction: float) -> str:
     if len(name) > _MAX_NAME_CHARS:
         name = name[: _MAX_NAME_CHARS - 3] + "..."
-    text = f"{name}  {100.0 * fraction:.1f}%"
-    if not isinstance(font, ImageFont.FreeTypeFont):  # the bitmap font only encodes latin-1
-        text = text.encode("latin-1", "replace").decode("latin-1")
-    return text
+    return f"{name}  {100.0 * fraction:.1f}%"
 
 
 def render_overlay(
@@ -71,13 +131,14 @@ def render_overlay(
 
     present = class_fractions(seg, num)
     font_size = int(np.clip(round(h / 32), 12, 28))
-    font = _font(font_size)
+    fonts = _LegendFonts(font_size)
+    font = fonts.default
     shown = present[:MAX_LEGEND_ENTRIES]
-    labels = [_label(class_names[i] if i < len(class_names) else f"class {i}", f, font) for i, f in shown]
+    labels = [fonts.pick(_label(class_names[i] if i < len(class_names) else f"class {i}", f)) for i, f in shown]
     more = f"+ {len(present) - len(shown)} more" if len(present) > len(shown) else None
 
-    def text_w(text: str) -> int:
-        box = font.getbbox(text)
+    def text_w(text: str, with_font: Font = font) -> int:
+        box = with_font.getbbox(text)
         return int(box[2] - box[0])
 
     top, bottom = font.getbbox("Ag|")[1::2]
@@ -85,9 +146,9 @@ def render_overlay(
     swatch = int(bottom - top)
     pad = max(6, font_size // 2)
     title = "classes (area)"
-    texts = [title, *labels, *([more] if more else [])]
-    panel_w = pad * 3 + swatch + max(text_w(t) for t in texts)
-    panel_h = pad * 2 + line_h * len(texts)
+    widths = [text_w(title), *(text_w(t, f) for f, t in labels), *([text_w(more)] if more else [])]
+    panel_w = pad * 3 + swatch + max(widths)
+    panel_h = pad * 2 + line_h * (len(widths))
 
     canvas = Image.new("RGB", (w + panel_w, max(h, panel_h)), _BG)
     canvas.paste(Image.fromarray(left), (0, 0))
@@ -95,10 +156,10 @@ def render_overlay(
     x0, y = w + pad, pad
     draw.text((x0, y - top), title, fill=_FG, font=font)
     y += line_h
-    for (i, _), label in zip(shown, labels):
+    for (i, _), (label_font, label) in zip(shown, labels):
         c = tuple(int(v) for v in colours[i])
         draw.rectangle([x0, y, x0 + swatch - 1, y + swatch - 1], fill=c, outline=_FG)
-        draw.text((x0 + swatch + pad, y - top), label, fill=_FG, font=font)
+        draw.text((x0 + swatch + pad, y - top), label, fill=_FG, font=label_font)
         y += line_h
     if more:
         draw.text((x0 + swatch + pad, y - top), more, fill=_FG, font=font)

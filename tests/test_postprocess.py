@@ -160,3 +160,35 @@ def test_render_overlay_caps_the_legend():
     assert 0 < line_h < 40 and capped.height < (MAX_LEGEND_ENTRIES + 5) * line_h  # one more line, not 50
     assert render_overlay(img, seg90 % 3, names).height == 120  # a short legend fits beside the image
     assert render_overlay(img, seg90, ["a"]).width > 100  # indices past the names still get a label
+
+
+def test_legend_names_never_become_boxes(monkeypatch):
+    """The built-in font draws basic Latin only. Other names go to a fallback font that has their glyphs;
+    characters no font here can draw are written as U+XXXX, visibly, instead of boxes."""
+    import sed_runtime.overlay as overlay
+
+    monkeypatch.delenv("SED_FONT", raising=False)
+    monkeypatch.setattr(overlay, "FALLBACK_FONTS", ())
+    bare = overlay._LegendFonts(20)
+    assert bare.pick("sky  12.0%") == (bare.default, "sky  12.0%")
+    assert bare.pick("猫 cat")[1] == "U+732B cat"
+    assert bare.pick("café")[1] == "cafU+00E9"
+
+
+def test_legend_falls_back_to_a_font_with_the_glyphs(monkeypatch):
+    import os
+
+    import sed_runtime.overlay as overlay
+
+    dejavu = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+    if not os.path.isfile(dejavu):
+        pytest.skip("DejaVuSans is not installed here (Debian/Ubuntu: fonts-dejavu-core)")
+    monkeypatch.setenv("SED_FONT", dejavu)
+    fonts = overlay._LegendFonts(20)
+    font, text = fonts.pick("кошка, café")
+    assert text == "кошка, café" and font.path == dejavu
+    img = np.zeros((64, 64, 3), np.uint8)
+    seg = np.zeros((64, 64), np.int64)
+    seg[32:] = 1
+    legend = overlay.render_overlay(img, seg, ["кошка", "猫"])
+    assert legend.size[0] > 64
