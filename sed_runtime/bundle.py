@@ -40,6 +40,25 @@ def find_bundle_dir(path: str | Path) -> Path | None:
     return None
 
 
+_MANIFEST_TYPES = {"model": dict, "precision": str, "graphs": dict, "files": dict, "input": dict,
+                   "templates": list, "weights": dict}
+
+
+def _check_manifest_types(manifest: dict[str, Any], where: Path) -> None:
+    """A manifest from another tool or a hand edit must fail here in one line, not deep in a backend."""
+    rebuild = "rebuild the bundle with `sed-export build --force`"
+    for key, kind in _MANIFEST_TYPES.items():
+        if not isinstance(manifest[key], kind):
+            raise BundleError(f"{where}: '{key}' is a {type(manifest[key]).__name__}, not a {kind.__name__}; {rebuild}")
+    for name, meta in manifest["files"].items():
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts:
+            raise BundleError(f"{where}: file entry {name!r} points outside the bundle; {rebuild}")
+        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(
+                meta.get("sha256"), str):
+            raise BundleError(f"{where}: file entry {name!r} lacks its bytes and sha256; {rebuild}")
+
+
 @dataclass
 class Bundle:
     """An opened (and by default verified) bundle."""
@@ -67,6 +86,7 @@ class Bundle:
                 raise BundleError(
                     f"{root / MANIFEST} lacks '{key}'; rebuild the bundle with `sed-export build --force`"
                 )
+        _check_manifest_types(manifest, root / MANIFEST)
         bundle = cls(root=root, manifest=manifest)
         if verify:
             bundle.verify()

@@ -52,6 +52,9 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
             # Pillow warns (two raw lines) above 89 MP; a photo that size is legitimate input, and it errors
             # out by itself above twice that (DecompressionBombError, handled below).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Corrupt metadata Pillow skips by itself (TIFF tags, EXIF) is reported as raw UserWarnings; the
+            # pixels still decode, and a broken image fails below with one line.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             with Image.open(p) as im:
                 im.load()  # the first frame of a multi-frame file (GIF, TIFF): what detectron2 reads too
                 oriented = ImageOps.exif_transpose(im)
