@@ -84,7 +84,8 @@ def main() -> int:
         cmd = [str(Path(sys.executable).parent / "sed-run"), "infer", str(args.bundle), str(data / "images"),
                "--out", str(outputs), "--no-progress"]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        log = open(work / "stderr.log", "w")  # a file, not a pipe: one line per image would fill a pipe and stall
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True,
                                 env={**os.environ, "SED_CACHE_DIR": str(work / "cache")})
         samples: list[tuple[float, int, float, int]] = []
         while proc.poll() is None:
@@ -94,7 +95,8 @@ def main() -> int:
                 samples.append((time.perf_counter() - t0, done, rss, fds))
             time.sleep(0.5)
         seconds = time.perf_counter() - t0
-        stderr = proc.stderr.read() if proc.stderr else ""
+        log.close()
+        stderr = (work / "stderr.log").read_text()
         problems = _check_outputs(images, outputs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
