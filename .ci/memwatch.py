@@ -2,7 +2,8 @@
 subprocess it starts) every 0.2 s and keep the peak per running test, named by the file that tests/conftest.py
 writes when SED_TEST_CURRENT is set.
 
-    SED_TEST_CURRENT=/tmp/current .venv/bin/python -m pytest -q & python3 .ci/memwatch.py $! /tmp/current peaks.txt
+    SED_TEST_CURRENT=/tmp/current .venv/bin/python -m pytest -q &
+    .venv/bin/python .ci/memwatch.py $! /tmp/current peaks.txt
 
 peaks.txt is rewritten at every new peak: "MB<TAB>test id", largest first.
 """
@@ -13,6 +14,8 @@ import collections
 import os
 import sys
 import time
+
+from sed_bench.measure import rss_mb
 
 
 def _children() -> dict[int, list[int]]:
@@ -28,22 +31,11 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def _rss_mb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return 0
-
-
 def tree_rss_mb(root: int) -> int:
     kids, todo, total = _children(), [root], 0
     while todo:
         pid = todo.pop()
-        total += _rss_mb(pid)
+        total += int(rss_mb(pid) or 0)
         todo.extend(kids.get(pid, []))
     return total
 

@@ -26,17 +26,6 @@ from pathlib import Path
 import numpy as np
 
 
-def _rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def _open_fds(pid: int) -> int | None:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -73,6 +62,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
+    from sed_bench.measure import rss_mb
     from sed_runtime.scenes import write_scene_folder
 
     work = Path(tempfile.mkdtemp(prefix="sed-soak-"))
@@ -89,7 +79,7 @@ def main() -> int:
                                 env={**os.environ, "SED_CACHE_DIR": str(work / "cache")})
         samples: list[tuple[float, int, float, int]] = []
         while proc.poll() is None:
-            rss, fds = _rss_mb(proc.pid), _open_fds(proc.pid)
+            rss, fds = rss_mb(proc.pid), _open_fds(proc.pid)
             done = len(list(outputs.glob("*.json"))) if outputs.exists() else 0
             if rss and fds is not None:  # None or 0 while the process is still starting
                 samples.append((time.perf_counter() - t0, done, rss, fds))

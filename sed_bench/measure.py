@@ -10,12 +10,10 @@ from typing import Any
 
 import numpy as np
 
-_STATUS = Path("/proc/self/status")
 
-
-def _status_kb(field: str) -> float | None:
+def _status_kb(field: str, pid: int | None = None) -> float | None:
     try:
-        for line in _STATUS.read_text().splitlines():
+        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return float(line.split()[1])
     except OSError:
@@ -23,8 +21,9 @@ def _status_kb(field: str) -> float | None:
     return None
 
 
-def rss_mb() -> float | None:
-    kb = _status_kb("VmRSS")
+def rss_mb(pid: int | None = None) -> float | None:
+    """Resident set size of this process, or of process `pid`; None where /proc cannot tell."""
+    kb = _status_kb("VmRSS", pid)
     return None if kb is None else kb / 1024
 
 

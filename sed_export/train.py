@@ -134,6 +134,13 @@ def balanced_cross_entropy(logits: torch.Tensor, target: torch.Tensor, labelled:
     return sum(parts) if parts else logits.sum() * 0  # type: ignore[return-value]
 
 
+def cell_cosine(model: SedModel, image: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) cosine of every dense image feature with the (N, E) unit class embeddings: the cost volume's
+    signal per class, with the prompt ensemble averaged."""
+    dense = F.normalize(model.encode_image(image).dense, dim=1)[0]  # (E, h, w)
+    return torch.einsum("ne,ehw->nhw", protos, dense)
+
+
 def cell_targets(onehot: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, H, W) one-hot labels -> per-cell class fractions (N, h, w) and the cells at least half labelled."""
     frac = F.adaptive_avg_pool2d(onehot[None], size)[0]
@@ -168,8 +175,7 @@ def pretrain_visual(model: SedModel, text: torch.Tensor, spec: InputSpec, settin
         lr = settings.visual_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * t))
         for group in opt.param_groups:
             group["lr"] = lr
-        dense = F.normalize(model.encode_image(image).dense, dim=1)[0]  # (E, h, w)
-        cosine = torch.einsum("ne,ehw->nhw", protos, dense)
+        cosine = cell_cosine(model, image, protos)
         frac, cells = cell_targets(target, tuple(cosine.shape[-2:]))
         loss = balanced_cross_entropy(cosine / 0.07, frac, cells)
         opt.zero_grad(set_to_none=True)

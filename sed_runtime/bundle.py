@@ -44,10 +44,13 @@ _MANIFEST_TYPES = {"model": dict, "precision": str, "graphs": dict, "files": dic
                    "templates": list, "weights": dict}
 
 
-def _check_manifest_types(manifest: dict[str, Any], where: Path) -> None:
-    """A manifest from another tool or a hand edit must fail here in one line, not deep in a backend."""
+def _check_manifest(manifest: dict[str, Any], where: Path) -> None:
+    """Every key there with its type, and file entries inside the bundle: a manifest from another tool or a hand
+    edit must fail here in one line, not deep in a backend."""
     rebuild = "rebuild the bundle with `sed-export build --force`"
     for key, kind in _MANIFEST_TYPES.items():
+        if key not in manifest:
+            raise BundleError(f"{where} lacks '{key}'; {rebuild}")
         if not isinstance(manifest[key], kind):
             raise BundleError(f"{where}: '{key}' is a {type(manifest[key]).__name__}, not a {kind.__name__}; {rebuild}")
     for name, meta in manifest["files"].items():
@@ -81,12 +84,7 @@ class Bundle:
             raise BundleError(
                 f"{root / MANIFEST} is not a {FORMAT} manifest (format {found!r}); rebuild it with this sed-deploy"
             )
-        for key in ("model", "precision", "graphs", "files", "input", "templates", "weights"):
-            if key not in manifest:
-                raise BundleError(
-                    f"{root / MANIFEST} lacks '{key}'; rebuild the bundle with `sed-export build --force`"
-                )
-        _check_manifest_types(manifest, root / MANIFEST)
+        _check_manifest(manifest, root / MANIFEST)
         bundle = cls(root=root, manifest=manifest)
         if verify:
             bundle.verify()

@@ -72,6 +72,7 @@ class _LegendFonts:
         extra = os.environ.get("SED_FONT")
         self._paths = [p for p in ((extra,) if extra else ()) + FALLBACK_FONTS if os.path.isfile(p)]
         self._loaded: list[Font] | None = None
+        self._missing: dict[int, tuple[tuple[int, int], bytes]] = {}  # id(font) -> its missing-glyph mask
 
     def _fallbacks(self) -> list[Font]:
         if self._loaded is None:
@@ -83,15 +84,16 @@ class _LegendFonts:
                     continue
         return self._loaded
 
-    @staticmethod
-    def _draws(font: Font, ch: str) -> bool:
+    def _draws(self, font: Font, ch: str) -> bool:
         if ch.isspace():
             return True
         if not isinstance(font, ImageFont.FreeTypeFont):  # the bitmap font only encodes latin-1
             return ord(ch) < 256
+        if id(font) not in self._missing:
+            box = font.getmask(_NOT_A_GLYPH)
+            self._missing[id(font)] = (box.size, bytes(box))
         glyph = font.getmask(ch)
-        missing = font.getmask(_NOT_A_GLYPH)
-        return glyph.size != missing.size or bytes(glyph) != bytes(missing)
+        return (glyph.size, bytes(glyph)) != self._missing[id(font)]
 
     def pick(self, text: str) -> tuple[Font, str]:
         """The first font that draws every character of `text`; else the one drawing most, with the rest as U+XXXX."""

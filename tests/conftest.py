@@ -1,15 +1,13 @@
-"""Suite-wide hooks. With SED_TEST_MEMLOG=FILE, each test whose run raised the peak RSS of the test process or of
-its subprocesses is appended to FILE (test id, new peaks in MB), to find the tests that drive the suite's memory."""
+"""Suite-wide hooks: freed memory goes back to the OS after each test, and with SED_TEST_CURRENT=FILE the running
+test's id is kept in FILE for `.ci/memwatch.py`, which charges the process tree's memory peaks to tests."""
 
 from __future__ import annotations
 
 import os
-import resource
 
 import pytest
 
-_MEMLOG = os.environ.get("SED_TEST_MEMLOG")
-_peaks = {"self": 0, "children": 0}
+_CURRENT = os.environ.get("SED_TEST_CURRENT")
 
 
 def _release_freed_memory() -> None:
@@ -30,22 +28,11 @@ def _release_freed_memory() -> None:
 def pytest_runtest_protocol(item, nextitem):  # noqa: ANN001
     yield
     _release_freed_memory()
-    if not _MEMLOG:
-        return
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # KiB on Linux
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
-    if own > _peaks["self"] or kids > _peaks["children"]:
-        with open(_MEMLOG, "a") as f:
-            f.write(f"{item.nodeid}\tself {own} MB\tchildren {kids} MB\n")
-        _peaks.update(self=max(own, _peaks["self"]), children=max(kids, _peaks["children"]))
-
-
-_CURRENT = os.environ.get("SED_TEST_CURRENT")
 
 
 def pytest_runtest_logstart(nodeid, location):  # noqa: ANN001
-    """With SED_TEST_CURRENT=FILE, FILE always names the running test, so an outside sampler of the process
-    tree's memory (`.ci/memwatch.py`, which also sees subprocesses) can charge each peak to its test."""
+    """FILE always names the running test, so an outside sampler of the process tree's memory (which also sees
+    subprocesses, unlike this process's own peak counters) can charge each peak to its test."""
     if _CURRENT:
         with open(_CURRENT, "w") as f:
             f.write(nodeid)

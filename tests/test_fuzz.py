@@ -127,9 +127,9 @@ def _image_bytes() -> st.SearchStrategy[bytes]:
 @example(data=b"", suffix=".png")
 @example(data=b"GIF89a", suffix=".gif")
 def test_image_decoding(tmp_path, data, suffix):
-    from sed_runtime.preprocess import load_image
-
     import warnings
+
+    from sed_runtime.preprocess import load_image
 
     path = tmp_path / f"image{suffix}"
     path.write_bytes(data)

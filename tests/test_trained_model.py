@@ -177,12 +177,12 @@ def test_text_pretraining_separates_the_classes_and_touches_only_the_text_tower(
 def test_visual_pretraining_aligns_cells_with_their_class_and_touches_only_the_visual_tower():
     """The stand-in for CLIP's image-text alignment: after it, the cost volume alone names the class of most cells
     of held-out scenes (a random tower names about 1 in 24); the text tower and the decoder are untouched."""
-    import torch.nn.functional as F
 
     from sed_export.train import (
         TrainSettings,
         _class_prototypes,
         _text_embeddings,
+        cell_cosine,
         cell_targets,
         pretrain_text,
         pretrain_visual,
@@ -208,8 +208,7 @@ def test_visual_pretraining_aligns_cells_with_their_class_and_touches_only_the_v
         with torch.no_grad():
             for i in range(12):
                 image, target = sample(spec, 1000, i, len(vocab))
-                dense = F.normalize(model.encode_image(image).dense, dim=1)[0]
-                pred = torch.einsum("ne,ehw->nhw", protos, dense).argmax(0)
+                pred = cell_cosine(model, image, protos).argmax(0)
                 frac, cells = cell_targets(target, tuple(pred.shape))
                 best = frac.max(0)
                 sure = cells & (best.values > 0.9)
