@@ -18,13 +18,40 @@ from sed_runtime.prompt_ensemble import encode_vocabulary_with
 from sed_runtime.text_cache import TextEmbeddingCache, templates_digest, text_cache_key
 from sed_runtime.vocab import Vocabulary
 
-__all__ = ["cached_text_embeddings", "encode_vocabulary", "text_tower_digest"]
+__all__ = ["cached_text_embeddings", "encode_text_trimmed", "encode_vocabulary", "text_tower_digest"]
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def trims_exactly(clip_model: torch.nn.Module) -> bool:
+    """Whether cutting tokens after the longest prompt leaves this tower's embeddings unchanged: a causal mask
+    and pooling at the end-of-text token (CLIP's own), which every SED model has."""
+    m = cast(Any, clip_model)
+    mask = getattr(m, "attn_mask", None)
+    if getattr(m, "text_pool_type", None) != "argmax" or not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+        return False
+    upper = torch.ones_like(mask, dtype=torch.bool).triu(1)
+    return bool((mask[upper] == float("-inf")).all()) and not bool(mask[~upper].any())
+
+
+def encode_text_trimmed(clip_model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's `CLIP.encode_text` on (T, L) tokens with L <= the context length (cut with
+    `sed_runtime.tokenizer.longest_prompt`): the same arithmetic on the first L positions only."""
+    from open_clip.transformer import text_global_pool
+
+    m = cast(Any, clip_model)
+    length = tokens.shape[1]
+    cast_dtype = m.transformer.get_cast_dtype()
+    x = m.token_embedding(tokens).to(cast_dtype) + m.positional_embedding[:length].to(cast_dtype)
+    x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
+    x = text_global_pool(m.ln_final(x), tokens, m.text_pool_type)
+    if m.text_projection is None:
+        return x
+    return m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
 
 
 def encode_vocabulary(
@@ -39,12 +66,20 @@ def encode_vocabulary(
     """(N, P, E) float32 unit-norm template embeddings of every class of `vocab`, in class order.
 
     The text tower in eval mode (its train/eval mode is restored after); the ensemble reduction is the
-    runtime's (`sed_runtime.prompt_ensemble`), shared with the bundle's ONNX text encoder.
+    runtime's (`sed_runtime.prompt_ensemble`), shared with the bundle's ONNX text encoder. Each batch runs
+    only up to its longest prompt (`encode_text_trimmed`): the same embeddings, several times faster.
     """
+    from sed_runtime.tokenizer import longest_prompt
+
     device = _model_device(clip_model)
+    trim = trims_exactly(clip_model)
 
     def encode(texts: list[str]) -> np.ndarray:
-        emb = cast(Any, clip_model).encode_text(tokenizer(texts).to(device))
+        tokens = tokenizer(texts).to(device)
+        if trim:
+            emb = encode_text_trimmed(clip_model, tokens[:, : longest_prompt(tokens)])
+        else:
+            emb = cast(Any, clip_model).encode_text(tokens)
         return emb.float().cpu().numpy()
 
     was_training = clip_model.training

@@ -30,10 +30,17 @@ def encode_vocabulary_onnx(
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(session_or_path), providers=["CPUExecutionProvider"])
-    in_name = session.get_inputs()[0].name
+    from .tokenizer import longest_prompt
+
+    tokens_input = session.get_inputs()[0]
+    # Bundles exported before the sequence axis became dynamic take all context_length columns.
+    dynamic_length = not isinstance(tokens_input.shape[1], int)
 
     def encode(texts: list[str]) -> np.ndarray:
-        (feats,) = session.run(None, {in_name: tokenizer(texts)})
+        tokens = tokenizer(texts)
+        if dynamic_length:
+            tokens = np.ascontiguousarray(tokens[:, : longest_prompt(tokens)])
+        (feats,) = session.run(None, {tokens_input.name: tokens})
         return np.asarray(feats)
 
     return encode_vocabulary_with(encode, vocab, templates, batch_size=batch_size, progress=progress)

@@ -17,6 +17,19 @@ import numpy as np
 from .errors import VocabularyError
 
 
+def longest_prompt(tokens: Any) -> int:
+    """Columns a causal CLIP text tower needs for this batch: up to the last end-of-text token (inclusive).
+
+    The end token has the largest id, so `argmax` finds it in each row, as CLIP's pooling does. A causal
+    transformer's output at that position does not depend on any later column, so cutting the batch there
+    gives the same embeddings for a fraction of the work (prompts are 10-20 of 77 tokens). Works on numpy
+    arrays and torch tensors alike.
+    """
+    if tokens.shape[0] == 0:
+        return int(tokens.shape[1])
+    return int(tokens.argmax(-1).max()) + 1
+
+
 def clean_text(text: str) -> str:
     import ftfy
 

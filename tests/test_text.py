@@ -142,13 +142,13 @@ def test_cache_keys_differ() -> None:
 class _Spy:
     def __init__(self, model, monkeypatch) -> None:
         self.calls = 0
-        real = model.encode_text
+        real = model.token_embedding.forward  # every text-tower run, whole or cut at the longest prompt
 
         def spy(*a, **kw):
             self.calls += 1
             return real(*a, **kw)
 
-        monkeypatch.setattr(model, "encode_text", spy)
+        monkeypatch.setattr(model.token_embedding, "forward", spy)
 
 
 def test_cache_hit_skips_text_tower(clip_model, tokenizer, tmp_path: Path, monkeypatch) -> None:
@@ -254,3 +254,29 @@ def test_unwritable_cache_only_warns(clip_model, tokenizer, tmp_path: Path) -> N
             clip_model, tokenizer, "tiny", VOCAB, TEMPLATES, cache=cache, progress=False
         )
     assert out.shape == (len(VOCAB), len(TEMPLATES), 64)
+
+
+@pytest.mark.parametrize("texts", [["a cat."], ["a photo of a cat.", "", "a " + "very " * 40 + "long name"],
+                                   ["word " * 200, "x"]])
+def test_trimmed_text_tower_equals_the_full_77_tokens(clip_model, tokenizer, texts) -> None:
+    from sed_export.text import encode_text_trimmed, trims_exactly
+    from sed_runtime.tokenizer import longest_prompt
+
+    tokens = tokenizer(texts)
+    cut = longest_prompt(tokens)
+    assert trims_exactly(clip_model) and cut <= 77
+    with torch.no_grad():
+        full = clip_model.encode_text(tokens)
+        trimmed = encode_text_trimmed(clip_model, tokens[:, :cut])
+    assert float((full - trimmed).abs().max()) <= 1e-5
+
+
+def test_a_tower_that_is_not_causal_is_never_cut() -> None:
+    from sed_export.text import trims_exactly
+
+    model = _tiny_clip()
+    model.attn_mask = torch.zeros(77, 77)  # bidirectional: later tokens would change the pooled one
+    assert not trims_exactly(model)
+    model = _tiny_clip()
+    model.text_pool_type = "first"
+    assert not trims_exactly(model)

@@ -112,3 +112,22 @@ def test_vocabulary_embeddings_match_torch_path(tiny, tokenizer, reference) -> N
     assert got.shape == ref.shape == (4, 9, model.clip_model.text_projection.shape[1])
     np.testing.assert_allclose(got, ref, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-5)
+
+
+def test_text_encoder_sequence_axis_is_dynamic_and_cut_prompts_match_77_tokens(tiny, tokenizer, reference) -> None:
+    """The cut at the longest prompt (issue 14: text at vocabulary scale) changes nothing but the work."""
+    import torch
+
+    from sed_runtime.tokenizer import longest_prompt
+
+    model, path = tiny
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert not isinstance(sess.get_inputs()[0].shape[1], int)
+    for texts in (["a cat."], ["a photo of a cat.", "a big " + "red " * 12 + "car", ""], ODD_TEXTS):
+        tokens = tokenizer(texts)
+        cut = longest_prompt(tokens)
+        assert cut == int((tokens != 0).sum(1).max())  # up to the last end token, nothing more
+        with torch.no_grad():
+            ref = model.clip_model.encode_text(reference(texts)).numpy()
+        (got,) = sess.run(None, {"tokens": np.ascontiguousarray(tokens[:, :cut])})
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
