@@ -10,36 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from sed_runtime.memory import peak_rss_mb, reset_peak_rss, rss_mb
 
-def _status_kb(field: str, pid: int | None = None) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return float(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_mb(pid: int | None = None) -> float | None:
-    """Resident set size of this process, or of process `pid`; None where /proc cannot tell."""
-    kb = _status_kb("VmRSS", pid)
-    return None if kb is None else kb / 1024
-
-
-def peak_rss_mb() -> float | None:
-    """Peak resident set size since the last `reset_peak_rss` (or process start)."""
-    kb = _status_kb("VmHWM")
-    return None if kb is None else kb / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0); False where not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+__all__ = ["cpu_model", "machine_info", "peak_rss_mb", "reset_peak_rss", "rss_mb"]
 
 
 def cpu_model() -> str:

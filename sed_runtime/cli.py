@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli_common import check_output_folder, expand_images, parse_topk, unique_stems, user_errors
+from .cli_common import check_output_folder, expand_images, parse_gib, parse_topk, unique_stems, user_errors
 
 app = typer.Typer(help="Run SED open-vocabulary segmentation on images.", no_args_is_help=True, add_completion=False)
 
@@ -62,6 +62,9 @@ def infer(
         bool, typer.Option("--low-memory", help="ONNX Runtime: no CPU memory arena for the decoder (about half "
                            "the peak RSS for large vocabularies with --topk all; somewhat slower).")
     ] = False,
+    max_memory: Annotated[Optional[str], typer.Option(
+        "--max-memory", help="Memory this process may use, in GiB (default: what it holds now plus what is free). "
+        "A run whose decoder is predicted to need more is refused before any image is processed.")] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out"),
     save_npz: Annotated[
         bool, typer.Option("--save-npz", help="Also write scores, seg and kept indices (npz).")
@@ -88,6 +91,7 @@ def infer(
 
     console = Console(stderr=True)
     k = parse_topk(topk)
+    max_gib = parse_gib(max_memory)
     bundle_dir = None
     first = Path(inputs[0])
     if first.is_dir() or (first.is_file() and first.suffix.lower() not in IMAGE_SUFFIXES):
@@ -147,8 +151,18 @@ def infer(
         allow_pickle=allow_pickle,
         low_memory=low_memory,
     )
-    if "random" in str(engine.describe().get("weights", "")):
+    random_weights = "random" in str(engine.describe().get("weights", ""))
+    if random_weights:
         console.print("note: random weights (no checkpoint), so the masks are random", markup=False)
+    from .memory import GiB, available_bytes, check_fits, rss_mb
+
+    held = (rss_mb() or 0.0) * 2**20
+    free = available_bytes()
+    budget = max_gib * GiB - held if max_gib is not None else free
+    note = check_fits(engine.decoder_memory(), len(vocabulary), k, random_weights=random_weights,
+                      budget_bytes=budget)
+    if note:
+        console.print(note, markup=False, soft_wrap=True)
     from .pipeline import SedPipeline
 
     pipe = SedPipeline(engine, vocabulary, topk=k, progress=progress)

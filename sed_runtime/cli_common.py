@@ -61,6 +61,20 @@ def parse_topk(value: str) -> int | None:
     return k
 
 
+def parse_gib(value: str | None, option: str = "--max-memory") -> float | None:
+    """A memory size in GiB: '12', '12.5', '12G', '12GB' or '12GiB'."""
+    if value is None:
+        return None
+    text = value.strip().lower().removesuffix("ib").removesuffix("b").removesuffix("g").strip()
+    try:
+        gib = float(text)
+    except ValueError:
+        raise SedUserError(f"{option} must be a number of GiB such as 12 or 12.5, got {value!r}") from None
+    if not gib > 0 or gib == float("inf"):
+        raise SedUserError(f"{option} must be a positive number of GiB, got {value!r}")
+    return gib
+
+
 def expand_images(items: list[str]) -> list[Path]:
     """Files as given, folders as their image files (sorted), globs expanded."""
     found: list[Path] = []

@@ -9,12 +9,13 @@ or one of its subclasses for one kind of bad input:
 - `ModelError`: a model config or checkpoint is unknown, malformed or does not fit the model.
 - `DatasetError`: an evaluation dataset (images and label maps) is inconsistent.
 - `OutputError`: an output location is unusable or would overwrite files without `--force`.
+- `MemoryBudgetError`: the run would need more memory than is free (or than `--max-memory`).
 """
 
 from __future__ import annotations
 
-__all__ = ["BundleError", "DatasetError", "ImageError", "ModelError", "OutputError", "SedUserError",
-           "VocabularyError"]
+__all__ = ["BundleError", "DatasetError", "ImageError", "MemoryBudgetError", "ModelError", "OutputError",
+           "SedUserError", "VocabularyError"]
 
 
 class SedUserError(Exception):
@@ -43,3 +44,7 @@ class DatasetError(SedUserError):
 
 class OutputError(SedUserError):
     """An output location is unusable, or would overwrite files without --force."""
+
+
+class MemoryBudgetError(SedUserError):
+    """The run's predicted peak memory is above the budget (free memory, or --max-memory)."""

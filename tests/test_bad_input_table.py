@@ -90,6 +90,11 @@ TABLE = [
     ("sed-run", ["infer", B, IMG, "--backend", "bogus"], ["unknown --backend"]),
     ("sed-run", ["infer", B, IMG, "--device", "gpu0"], ["unknown --device"]),
     ("sed-run", ["infer", B, IMG, "--device", "cuda"], ["--device cuda is for --backend torch", "--providers"]),
+    # memory (issue 17): a run predicted not to fit is refused before any image
+    ("sed-run", ["infer", B, IMG, "--vocab", "ade847", "--topk", "all", "--max-memory", "0.3"],
+     ["needs about", "GiB", "847 classes", "--max-memory"]),
+    ("sed-run", ["infer", B, IMG, "--max-memory", "-1"], ["--max-memory must be a positive"]),
+    ("sed-run", ["infer", B, IMG, "--max-memory", "lots"], ["--max-memory must be a number of GiB", "lots"]),
     # outputs
     ("sed-run", ["infer", B, IMG, "--out", "{w}/a_file"], ["is a file"]),
     ("sed-run", ["infer", B, IMG, "--out", "{w}/a_file/sub"], ["cannot be created"]),

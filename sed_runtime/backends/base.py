@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..memory import DecoderMemory
 from ..vocab import Vocabulary
 
 
@@ -72,3 +73,8 @@ class Backend(ABC):
     def describe(self) -> dict[str, Any]:
         """What ran, for reports and JSON summaries."""
         return {"backend": self.name}
+
+    def decoder_memory(self) -> DecoderMemory | None:
+        """The host memory the decoder will add per class (`sed_runtime.memory`); None where not modelled
+        (GPU memory, TensorRT)."""
+        return None

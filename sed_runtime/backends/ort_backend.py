@@ -14,6 +14,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BundleError, SedUserError
+from ..memory import DecoderMemory
 from ..vocab import Vocabulary
 from .base import Backend, BackendResult, InputSpec
 
@@ -124,6 +125,12 @@ class OrtBackend(Backend):
     @property
     def input_spec(self) -> InputSpec:
         return self.bundle.input_spec
+
+    def decoder_memory(self) -> DecoderMemory | None:
+        if self.providers != ["CPUExecutionProvider"]:
+            return None  # a GPU provider's memory is the device's, not modelled
+        return DecoderMemory.from_settings(self.bundle.manifest["model"]["sed"], len(self.bundle.templates),
+                                           "ort-low-memory" if self.low_memory else "ort")
 
     def text_embeddings(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
         return self.text_path.embeddings(vocab, progress=progress)

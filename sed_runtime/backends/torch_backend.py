@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SedUserError
+from ..memory import DecoderMemory
 from ..vocab import Vocabulary
 from .base import Backend, BackendResult, InputSpec, weights_label
 
@@ -91,6 +92,13 @@ class TorchBackend(Backend):
             return f"torch.topk ({e})"
         self.model.transformer.select_classes = topk_union_cuda
         return "topk-union CUDA kernel"
+
+    def decoder_memory(self) -> DecoderMemory | None:
+        if self.device.type != "cpu":
+            return None
+        from dataclasses import asdict
+
+        return DecoderMemory.from_settings(asdict(self.config.sed), len(self.model.templates), "torch")
 
     @property
     def input_spec(self) -> InputSpec:

@@ -1,0 +1,152 @@
+"""How much memory a run will need, known before it starts: the decoder's peak from N, the kept counts and the
+model's dimensions, so a run that cannot fit is refused with one line instead of being killed.
+
+The decoder treats the class axis as a batch axis, so its working set is linear in the classes it carries:
+all N before the first CER point (cost volume, conv1, the first aux head), then the classes kept at each
+point through that layer. `decoder_elements` counts the per-class float elements alive at each stage's peak
+from the config; a per-backend bytes-per-element factor, fitted on measured peak RSS (sed-b and sed-tiny,
+768 x 768, 20-847 classes: benchmarks/results/cpu-sed-b-synthetic, cpu-sed-tiny-synthetic and
+cpu-sed-b-ort-low-memory, plus fresh-process ONNX Runtime runs), turns that into bytes. It is an estimate:
+within about 20% for torch, and an upper end for ONNX Runtime, whose arena grows in doubling chunks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import MemoryBudgetError
+
+__all__ = ["DecoderMemory", "available_bytes", "check_fits", "decoder_elements", "peak_rss_mb", "reset_peak_rss",
+           "rss_mb"]
+
+# bytes per counted element, fitted on measured peaks (increment over the loaded process, every class kept):
+# torch 4.76 (sed-b grid, 25 cells; within 20% for cells above 1 GB); ONNX Runtime with its arena, fresh process,
+# sed-tiny fp32 at N = 100 / 300 / 450: 5.9 / 6.7 / 8.1 (the arena grows in doubling chunks, so the factor rises
+# with N: the largest is used); without the arena 3.7 (N = 300) to 5.5 (sed-b, N = 847). The upper ends are used:
+# a refusal should not be needed twice.
+BYTES_PER_ELEMENT = {"torch": 4.8, "ort": 8.2, "ort-low-memory": 5.5}
+GiB = 2**30
+
+
+def decoder_elements(sed: Mapping[str, Any], num_templates: int) -> tuple[float, tuple[float, float, float]]:
+    """Per-class float elements at the peak of (the pre-CER part, decoder layer 1, 2, 3), from the config.
+
+    Pre-CER: cost volume (P), conv1 (hidden) and an aux map at the 1/32 grid. Layer i at grid R with c input
+    channels, guidance g, output d: the larger of its FAM (ConvNeXt MLP 4c and the attention's q, k, v, output
+    and norms, about 10c at R^2) and its SFM (the up-sampled map, the concat, the cost guidance and the
+    DoubleConv's conv/norm outputs: 2c + g + 3d at (2R)^2).
+    """
+    side = int(sed["input_size"]) // 32
+    hidden = int(sed["hidden_dims"])
+    dims = [hidden, *(int(d) for d in sed["decoder_dims"])]
+    guid = [int(g) for g in sed["decoder_guidance_proj_dims"]]
+    pre = (num_templates + hidden + 1) * side * side
+    layers = []
+    for i in range(3):
+        grid = side * 2**i
+        c, g, d = dims[i], guid[i], dims[i + 1]
+        fam = 10 * c * grid * grid
+        sfm = (2 * c + g + 3 * d) * (2 * grid) ** 2
+        layers.append(float(max(fam, sfm)))
+    return float(pre), (layers[0], layers[1], layers[2])
+
+
+@dataclass(frozen=True)
+class DecoderMemory:
+    """Bytes the decoder adds to a process for given class counts, on one backend."""
+
+    pre_cer_bytes_per_class: float
+    layer_bytes_per_class: tuple[float, float, float]
+    backend: str
+
+    @classmethod
+    def from_settings(cls, sed: Mapping[str, Any], num_templates: int, backend: str) -> DecoderMemory:
+        factor = BYTES_PER_ELEMENT[backend]
+        pre, layers = decoder_elements(sed, num_templates)
+        return cls(pre * factor, (layers[0] * factor, layers[1] * factor, layers[2] * factor), backend)
+
+    def peak_bytes(self, num_classes: int, kept: Sequence[int] | None = None) -> float:
+        """Peak added by one image: N classes before CER, `kept[i]` through layer i (None: every class)."""
+        kept = [num_classes] * 3 if kept is None else [min(int(k), num_classes) for k in kept]
+        pre = self.pre_cer_bytes_per_class * num_classes
+        return pre + max(b * k for b, k in zip(self.layer_bytes_per_class, kept))
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _status_kb(field: str, pid: int | None = None) -> float | None:
+    try:
+        for line in _read(f"/proc/{pid or 'self'}/status").splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb(pid: int | None = None) -> float | None:
+    """Resident set size of this process, or of process `pid`; None where /proc cannot tell."""
+    kb = _status_kb("VmRSS", pid)
+    return None if kb is None else kb / 1024
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident set size since the last `reset_peak_rss` (or process start)."""
+    kb = _status_kb("VmHWM")
+    return None if kb is None else kb / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark to the current RSS (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def available_bytes() -> int | None:
+    """Memory the machine can still give this process (Linux MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(memory: DecoderMemory | None, num_classes: int, topk: int | None, *, random_weights: bool,
+               budget_bytes: float | None) -> str | None:
+    """Refuse (MemoryBudgetError) a run whose decoder peak would pass the budget; return a note or None.
+
+    With k = all the class count is exact. With CER the kept counts are only known per image: random weights
+    keep nearly every class (all N assumed), a trained model far fewer, so there the every-class peak only
+    earns a note, not a refusal.
+    """
+    if memory is None or budget_bytes is None:
+        return None
+    worst = memory.peak_bytes(num_classes)
+    if worst <= budget_bytes:
+        return None
+    need, have = worst / GiB, budget_bytes / GiB
+    if topk is None or topk >= num_classes or random_weights:
+        why = "every class is kept" if topk is None or topk >= num_classes else \
+            "random weights keep nearly every class at each CER point"
+        raise MemoryBudgetError(
+            f"this run needs about {need:.1f} GiB for the decoder ({num_classes} classes, {why}) but has "
+            f"{max(have, 0.0):.1f} GiB (free memory, or --max-memory); use fewer classes, a smaller --topk with trained weights, "
+            f"{'--low-memory, ' if memory.backend == 'ort' else ''}or --max-memory GB to run anyway")
+    return (f"note: if CER kept all {num_classes} classes the decoder would need about {need:.1f} GiB "
+            f"({max(have, 0.0):.1f} GiB available); a trained model at --topk {topk} keeps far fewer")
