@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from sed_runtime.backends.base import Backend, BackendResult, InputSpec
+from sed_runtime.backends.base import Backend, BackendResult, ImageFeatures, InputSpec
 from sed_runtime.errors import SedUserError
 from sed_runtime.vocab import Vocabulary
 
@@ -63,7 +63,8 @@ class BenchConfig:
 
 
 class _FixedText(Backend):
-    """A backend whose `text_embeddings` returns a given array (synthetic or precomputed and timed)."""
+    """A backend whose `encode_text` returns a given array (synthetic or precomputed and timed); the image verbs
+    are the inner backend's."""
 
     def __init__(self, inner: Backend, text: np.ndarray) -> None:
         self.inner, self.text, self.name = inner, text, inner.name
@@ -72,11 +73,14 @@ class _FixedText(Backend):
     def input_spec(self) -> InputSpec:
         return self.inner.input_spec
 
-    def text_embeddings(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
+    def encode_text(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
         return self.text
 
-    def infer(self, image: np.ndarray, text: np.ndarray, topk: int | None) -> BackendResult:
-        return self.inner.infer(image, text, topk)
+    def encode_image(self, image: np.ndarray) -> ImageFeatures:
+        return self.inner.encode_image(image)
+
+    def decode(self, features: ImageFeatures, text: np.ndarray, topk: int | None) -> BackendResult:
+        return self.inner.decode(features, text, topk)
 
 
 def synthetic_text(vocab: Vocabulary, num_templates: int, embed_dim: int) -> np.ndarray:
@@ -152,7 +156,7 @@ class _Backends:
         source = "bundle" if bundled is not None and bundled[0] == vocab.classes else "onnx text encoder"
         t0 = time.perf_counter()
         try:
-            emb = backend.text_embeddings(vocab, progress=False)
+            emb = backend.encode_text(vocab, progress=False)
         except ImportError as e:
             raise SedUserError(
                 f"the ort backend cannot embed {vocab.name} here ({e}); use --text synthetic or a bundle built "
@@ -168,7 +172,7 @@ class _Backends:
                              vocab.classes)
         hit = TextEmbeddingCache().path(key).is_file()
         t0 = time.perf_counter()
-        emb = backend.text_embeddings(vocab, progress=False)
+        emb = backend.encode_text(vocab, progress=False)
         ms = (time.perf_counter() - t0) * 1e3
         return emb, ms, f"{'cache' if hit else 'computed'} ({tower})"
 

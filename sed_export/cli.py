@@ -68,7 +68,7 @@ def embed_text(
         raise SedUserError("pass exactly one of --vocab or --classes")
     vocabulary = load_vocabulary(vocab, classes=classes)
     backend = TorchBackend(model, checkpoint, allow_pickle=allow_pickle)
-    emb = backend.text_embeddings(vocabulary)
+    emb = backend.encode_text(vocabulary)
     print(f"{vocabulary.name}: {emb.shape[0]} classes x {emb.shape[1]} templates x {emb.shape[2]} dims cached")
 
 

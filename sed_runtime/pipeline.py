@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends.base import Backend
+from .backends.base import Backend, ImageFeatures
 from .postprocess import class_fractions, segment
 from .preprocess import load_image
 from .vocab import Vocabulary
@@ -47,6 +47,15 @@ class Segmentation:
         }
 
 
+@dataclass
+class EncodedImage:
+    """An image after preprocessing and the image encoder: what `SedPipeline.decode` needs for any vocabulary."""
+
+    orig_hw: tuple[int, int]
+    features: ImageFeatures
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
 class SedPipeline:
     """Segment images with one backend and one vocabulary; text embeddings are computed (or loaded) once."""
 
@@ -82,29 +91,53 @@ class SedPipeline:
     def set_vocabulary(self, vocab: Vocabulary, progress: bool = True) -> None:
         t0 = time.perf_counter()
         self.vocab = vocab
-        self.text = self.backend.text_embeddings(vocab, progress=progress)
+        self.text = self._text_for(vocab, progress)
         self.text_ms = (time.perf_counter() - t0) * 1e3
 
-    def __call__(self, image: np.ndarray | str | Path) -> Segmentation:
+    def _text_for(self, vocab: Vocabulary, progress: bool = False) -> np.ndarray:
+        """encode_text once per vocabulary for the pipeline's life (the backend's disk cache serves later runs)."""
+        cache: dict[str, np.ndarray] = self.__dict__.setdefault("_texts", {})
+        key = vocab.digest()
+        if key not in cache:
+            cache[key] = self.backend.encode_text(vocab, progress=progress)
+        return cache[key]
+
+    def encode(self, image: np.ndarray | str | Path) -> EncodedImage:
+        """Preprocess and run the image encoder once; `decode` can then use any vocabulary and k."""
         t_start = time.perf_counter()
         img = load_image(image) if isinstance(image, (str, Path)) else image
-        spec = self.backend.input_spec
         t0 = time.perf_counter()
-        pre = spec.preprocess(img)
-        timings = {"preprocess": (time.perf_counter() - t0) * 1e3}
-        result = self.backend.infer(pre.tensor, self.text, self.topk)
+        pre = self.backend.input_spec.preprocess(img)
+        timings = {"load": (t0 - t_start) * 1e3, "preprocess": (time.perf_counter() - t0) * 1e3}
+        features = self.backend.encode_image(pre.tensor)
+        timings.update(features.timings_ms)
+        return EncodedImage(pre.orig_hw, features, timings)
+
+    def decode(self, encoded: EncodedImage, vocab: Vocabulary | None = None, topk: int | None | str = "pipeline"
+               ) -> Segmentation:
+        """Segment an encoded image with `vocab` (default: the pipeline's) at `topk` (default: the pipeline's)."""
+        vocab = self.vocab if vocab is None else vocab
+        k = self.topk if topk == "pipeline" else topk
+        if k is not None and (not isinstance(k, int) or k < 1):
+            raise ValueError("topk must be >= 1 or None")
+        text = self.text if vocab is self.vocab else self._text_for(vocab)
+        t_start = time.perf_counter()
+        result = self.backend.decode(encoded.features, text, k)
+        t0 = time.perf_counter()
+        seg = segment(result.scores, encoded.orig_hw)
+        timings = {k_: v for k_, v in encoded.timings_ms.items() if k_ != "load"}
         timings.update(result.timings_ms)
-        t0 = time.perf_counter()
-        seg = segment(result.scores, pre.orig_hw)
         timings["postprocess"] = (time.perf_counter() - t0) * 1e3
         timings["text_embeddings_once"] = self.text_ms
-        timings["total"] = (time.perf_counter() - t_start) * 1e3
-        return Segmentation(
-            image_hw=pre.orig_hw,
-            seg=seg,
-            scores=result.scores,
-            kept=result.kept,
-            class_names=self.vocab.classes,
-            topk=self.topk,
-            timings_ms=timings,
-        )
+        timings["total"] = sum(encoded.timings_ms.values()) + (time.perf_counter() - t_start) * 1e3
+        return Segmentation(image_hw=encoded.orig_hw, seg=seg, scores=result.scores, kept=result.kept,
+                            class_names=vocab.classes, topk=k, timings_ms=timings)
+
+    def segment(self, image: np.ndarray | str | Path, vocabs: list[Vocabulary] | None = None,
+                topks: list[int | None] | None = None) -> list[Segmentation]:
+        """One image under several vocabularies and/or k, encoded once: one Segmentation per (vocab, k), vocab-major."""
+        encoded = self.encode(image)
+        return [self.decode(encoded, v, k) for v in (vocabs or [self.vocab]) for k in (topks or [self.topk])]
+
+    def __call__(self, image: np.ndarray | str | Path) -> Segmentation:
+        return self.decode(self.encode(image))

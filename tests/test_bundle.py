@@ -187,7 +187,7 @@ def test_embedding_size_mismatch_is_refused(bundle, env, monkeypatch):
     monkeypatch.setenv("SED_CACHE_DIR", env["SED_CACHE_DIR"])
     monkeypatch.setattr(TextEmbeddingCache, "get", lambda self, key: np.ones((2, 80, 640), np.float32))
     with pytest.raises(SedUserError, match="needs N x 80 x 64"):
-        OrtBackend(bundle).text_embeddings(load_vocabulary(classes="cat; dog"))
+        OrtBackend(bundle).encode_text(load_vocabulary(classes="cat; dog"))
 
 
 SHAPES_IMAGE = ROOT / "examples" / "images" / "shapes.jpg"

@@ -1,8 +1,12 @@
-"""The one interface every backend (PyTorch, ONNX Runtime, TensorRT) implements.
+"""The one interface every backend (PyTorch, ONNX Runtime, TensorRT) implements, with NanoOWL's three verbs.
 
-The pipeline only sees this: a backend turns one preprocessed image and a vocabulary's text embeddings into
-class scores at the decoder resolution plus the classes kept at each CER point. Pre- and post-processing
-stay in the pipeline so every backend is fed and judged the same way.
+- `encode_text(vocab)`: a vocabulary's (N, P, E) text embeddings (cached on disk where possible);
+- `encode_image(image)`: one preprocessed image's encoder outputs, an opaque `ImageFeatures`;
+- `decode(features, text, topk)`: class scores at the decoder resolution plus the classes kept at each CER
+  point. One image's features can be decoded again with another vocabulary or k without re-encoding.
+
+`infer` is encode_image then decode. Pre- and post-processing stay in the pipeline so every backend is fed
+and judged the same way.
 """
 
 from __future__ import annotations
@@ -45,6 +49,17 @@ class InputSpec:
 
 
 @dataclass
+class ImageFeatures:
+    """What `encode_image` returns. `data` belongs to the backend that made it (torch tensors, numpy arrays, or
+    device buffers); `generation` lets a backend that reuses its buffers refuse features it has overwritten."""
+
+    data: Any
+    backend: str
+    generation: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class BackendResult:
     """scores: (N, h, w) float32 probabilities, 0 for rejected classes; kept: sorted int32 indices per CER point."""
 
@@ -54,7 +69,7 @@ class BackendResult:
 
 
 class Backend(ABC):
-    """A model ready to run; construction loads everything, `infer` only computes."""
+    """A model ready to run; construction loads everything, the verbs only compute."""
 
     name: str = "abstract"
 
@@ -63,12 +78,33 @@ class Backend(ABC):
     def input_spec(self) -> InputSpec: ...
 
     @abstractmethod
-    def text_embeddings(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
+    def encode_text(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
         """(N, P, E) float32 unit-norm template embeddings of `vocab` (cached on disk where possible)."""
 
     @abstractmethod
+    def encode_image(self, image: np.ndarray) -> ImageFeatures:
+        """image: (1, 3, S, S) float32 preprocessed -> the encoder's outputs, kept for `decode`."""
+
+    @abstractmethod
+    def decode(self, features: ImageFeatures, text: np.ndarray, topk: int | None) -> BackendResult:
+        """text: (N, P, E); topk None = every class (full model). Timings are the decoder's only."""
+
     def infer(self, image: np.ndarray, text: np.ndarray, topk: int | None) -> BackendResult:
-        """image: (1, 3, S, S) float32 preprocessed; text: (N, P, E); topk None = every class (full model)."""
+        """One image, start to end: `encode_image` then `decode`, with both stages' timings."""
+        features = self.encode_image(image)
+        result = self.decode(features, text, topk)
+        result.timings_ms = {**features.timings_ms, **result.timings_ms}
+        return result
+
+    def _check_features(self, features: ImageFeatures, current: int | None = None) -> None:
+        from ..errors import SedUserError
+
+        if features.backend != self.name:
+            raise SedUserError(f"image features from the {features.backend} backend cannot be decoded by the "
+                               f"{self.name} backend; encode the image with this one")
+        if current is not None and features.generation != current:
+            raise SedUserError(f"these image features were overwritten by a later encode_image on the {self.name} "
+                               "backend (it keeps one image on the device); encode the image again")
 
     def describe(self) -> dict[str, Any]:
         """What ran, for reports and JSON summaries."""

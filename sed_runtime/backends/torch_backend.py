@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import SedUserError
 from ..memory import DecoderMemory
 from ..vocab import Vocabulary
-from .base import Backend, BackendResult, InputSpec, weights_label
+from .base import Backend, BackendResult, ImageFeatures, InputSpec, weights_label
 
 
 class TorchBackend(Backend):
@@ -105,7 +105,7 @@ class TorchBackend(Backend):
         s = self.config.sed
         return InputSpec(s.input_size, s.min_size_test, s.max_size_test, s.pixel_mean, s.pixel_std)
 
-    def text_embeddings(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
+    def encode_text(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
         import open_clip
 
         from sed_export.text import cached_text_embeddings
@@ -135,13 +135,32 @@ class TorchBackend(Backend):
             self._torch.cuda.synchronize(self.device)
         timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
 
-    def infer(self, image: np.ndarray, text: np.ndarray, topk: int | None) -> BackendResult:
+    def _autocast(self) -> Any:
+        torch = self._torch
+        return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.precision == "fp16")
+
+    def _flush_events(self, timings: dict[str, float]) -> None:
+        if self._events:
+            self._torch.cuda.synchronize(self.device)
+            for stage, start, end in self._events:
+                timings[stage] = timings.get(stage, 0.0) + start.elapsed_time(end)
+            self._events.clear()
+
+    def encode_image(self, image: np.ndarray) -> ImageFeatures:
         torch = self._torch
         timings: dict[str, float] = {}
-        autocast = torch.autocast(self.device.type, dtype=torch.float16, enabled=self.precision == "fp16")
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), self._autocast():
             with self._timed(timings, "encoder"):
                 feats = self.model.encode_image(torch.from_numpy(image).to(self.device))
+        self._flush_events(timings)
+        return ImageFeatures(feats, self.name, timings_ms=timings)
+
+    def decode(self, features: ImageFeatures, text: np.ndarray, topk: int | None) -> BackendResult:
+        torch = self._torch
+        self._check_features(features)
+        feats = features.data
+        timings: dict[str, float] = {}
+        with torch.inference_mode(), self._autocast():
             txt = torch.from_numpy(np.ascontiguousarray(text, dtype=np.float32)).to(self.device)
             with self._timed(timings, "decoder"):
                 timer = lambda s: self._timed(timings, s)  # noqa: E731
@@ -151,11 +170,7 @@ class TorchBackend(Backend):
                     out = self.model.transformer(feats.dense, txt, (feats.res4, feats.res3, feats.res2), topk=topk,
                                                  timer=timer, cer_select=self.cer_select)
             scores = out.scores.float().cpu().numpy()
-        if self._events:
-            torch.cuda.synchronize(self.device)
-            for stage, start, end in self._events:
-                timings[stage] = timings.get(stage, 0.0) + start.elapsed_time(end)
-            self._events.clear()
+        self._flush_events(timings)
         kept = None if out.kept is None else [k.cpu().numpy().astype(np.int32) for k in out.kept]
         return BackendResult(scores=scores, kept=kept, timings_ms=timings)
 

@@ -28,7 +28,7 @@ from ..bundle import Bundle, sha256_file
 from ..errors import SedUserError
 from ..split_decoder import SEGMENTS, run_split_decoder
 from ..vocab import Vocabulary
-from .base import Backend, BackendResult, InputSpec
+from .base import Backend, BackendResult, ImageFeatures, InputSpec
 
 if TYPE_CHECKING:  # tensorrt-stubs (10.x API) type-check the calls; the module itself is chosen at run time
     import tensorrt
@@ -564,9 +564,10 @@ class TrtBackend(Backend):
             from ..kernel_lib import TopkUnionLibrary
 
             kernel = TopkUnionLibrary(root / self.record.kernel.file)
-        from .ort_backend import BundleText
+        from ..bundle_text import BundleText
 
         self._text = BundleText(self.bundle)
+        self._generation = 0  # encode_image calls so far: the encoder's device buffers hold the last one
         self._closed = False
         self._stream = self._cuda.call(self._cuda.rt.cudaStreamCreate())
         self._setup_encoder(cuda_graph)
@@ -692,7 +693,7 @@ class TrtBackend(Backend):
     def input_spec(self) -> InputSpec:
         return self.bundle.input_spec
 
-    def text_embeddings(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
+    def encode_text(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
         from ..profile_checks import check_classes
 
         check_classes(len(vocab), self.record.classes, "this bundle's decoder.plan")
@@ -705,14 +706,11 @@ class TrtBackend(Backend):
             ) from None
         return emb
 
-    def infer(self, image: np.ndarray, text: np.ndarray, topk: int | None) -> BackendResult:
-        from ..profile_checks import check_classes
-
-        n = int(text.shape[0])
-        check_classes(n, self.record.classes, "this bundle's decoder.plan")
+    def encode_image(self, image: np.ndarray) -> ImageFeatures:
+        """Runs the encoder into its device buffers, which the decoder reads in place: the features stay valid
+        until the next encode_image (their generation says which)."""
         cuda, stream, s = self._cuda, self._stream, int(self._stream)
         timings: dict[str, float] = {}
-
         t0 = time.perf_counter()
         img = self._image_host.array(np.dtype(np.float32), image.shape)
         np.copyto(img, image, casting="same_kind")
@@ -725,7 +723,17 @@ class TrtBackend(Backend):
         timings["encoder"] = (time.perf_counter() - t0) * 1e3
         if self._cuda_graph and self._graph_exec is None:
             self._capture_encoder()
+        self._generation += 1
+        return ImageFeatures(None, self.name, self._generation, timings)
 
+    def decode(self, features: ImageFeatures, text: np.ndarray, topk: int | None) -> BackendResult:
+        from ..profile_checks import check_classes
+
+        self._check_features(features, self._generation)
+        n = int(text.shape[0])
+        check_classes(n, self.record.classes, "this bundle's decoder.plan")
+        cuda, stream, s = self._cuda, self._stream, int(self._stream)
+        timings: dict[str, float] = {}
         t0 = time.perf_counter()
         text = self._upload_text(text)
         k = n if topk is None else min(topk, n)
