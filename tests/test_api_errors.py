@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from needs import need
+
 from sed_runtime.errors import (
     BundleError,
     DatasetError,
@@ -63,7 +65,7 @@ def test_image_vocabulary_dataset_and_output_errors(tmp_path):
 
 
 def test_model_errors():
-    pytest.importorskip("torch")
+    need("torch")
     from sed_export.config import load_model_config
     from sed_runtime.errors import ModelError
 

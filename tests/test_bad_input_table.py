@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnxruntime")
+from needs import need
+
+need("onnxruntime")
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("onnxruntime")
+from needs import need
+
+need("torch")
+need("onnxruntime")
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from needs import need
+
+torch = need("torch")
 
 from sed_export.checkpoint import (  # noqa: E402
     compare_keys,

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from needs import need
 from PIL import Image
 
-pytest.importorskip("torch")
+need("torch")
 
 from sed_runtime.postprocess import segment  # noqa: E402
 

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+from needs import need
+
+torch = need("torch")
+onnx = need("onnx")
+ort = need("onnxruntime")
 
 from onnx import TensorProto, helper  # noqa: E402
 from planted import decoder_feed  # noqa: E402

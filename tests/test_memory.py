@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from needs import need
+
 from sed_runtime.errors import MemoryBudgetError
 from sed_runtime.memory import GiB, DecoderMemory, check_fits, decoder_elements
 
@@ -80,7 +82,7 @@ print(json.dumps({"increment_mb": peak - base, "predicted_mb": be.decoder_memory
 def test_ort_estimate_is_an_upper_end_of_a_measured_run() -> None:
     """A fresh process runs the demo bundle's decoder with 300 classes, every one kept: the prediction must not be
     below the measured increment (a refusal that lets a run be killed is worse than none), nor far above it."""
-    pytest.importorskip("onnxruntime")
+    need("onnxruntime")
     r = subprocess.run([sys.executable, "-c", _MEASURE, str(DEMO_BUNDLE), "300"], capture_output=True, text=True,
                        timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from needs import need
+
+torch = need("torch")
 F = torch.nn.functional
 
 from planted import planted_inputs  # noqa: E402

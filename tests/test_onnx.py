@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-ort = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
+from needs import need
+
+torch = need("torch")
+ort = need("onnxruntime")
+onnx = need("onnx")
 F = torch.nn.functional
 
 from planted import decoder_feed, planted_inputs  # noqa: E402

@@ -6,6 +6,8 @@ import tracemalloc
 
 import numpy as np
 import pytest
+
+from needs import need
 from PIL import Image
 
 from sed_runtime.overlay import MAX_LEGEND_ENTRIES, palette, render_overlay
@@ -15,7 +17,7 @@ MAX_MISMATCH = 1e-4  # only exact float ties may differ from torch (none expecte
 
 
 def _official_seg(scores: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     import torch.nn.functional as F
 
     up = F.interpolate(torch.from_numpy(scores)[None], size=hw, mode="bilinear", align_corners=False)[0]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from needs import need
 from PIL import Image
 
 from sed_runtime.errors import SedUserError
@@ -61,7 +63,7 @@ def _d2_read_image(path: Path) -> np.ndarray:
 
 
 def _official_tensor(img: np.ndarray, size: int = 768):
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     import torch.nn.functional as F
 
     newh, neww = _d2_output_shape(img.shape[0], img.shape[1], 640, 2560)
@@ -154,7 +156,7 @@ def test_resize_shortest_edge_is_pil_bilinear():
      ((1, 2000, 300), (97, 768)), ((3, 7, 9), (5, 31)), ((4, 1, 1), (3, 8)), ((3, 16, 16), (16, 16))],
 )
 def test_bilinear_resize_matches_torch(shape, out):
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     import torch.nn.functional as F
 
     x = np.random.default_rng(2).uniform(-3, 3, shape).astype(np.float32)

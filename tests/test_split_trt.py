@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+from needs import need
+
+torch = need("torch")
+ort = need("onnxruntime")
+need("onnx")
 
 from planted import planted_inputs  # noqa: E402
 

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-open_clip = pytest.importorskip("open_clip")
+from needs import need
+
+torch = need("torch")
+open_clip = need("open_clip")
 
 from sed_export.text import (
     cached_text_embeddings,

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-open_clip = pytest.importorskip("open_clip")
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("tokenizers")
+from needs import need
+
+open_clip = need("open_clip")
+ort = need("onnxruntime")
+need("tokenizers")
 
 from sed_export.config import load_model_config
 from sed_export.model import build_model

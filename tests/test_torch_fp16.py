@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from needs import need
+
+torch = need("torch")
 
 from sed_export.decoder import linear_attention  # noqa: E402
 from sed_runtime.backends.torch_backend import TorchBackend  # noqa: E402

@@ -8,7 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from needs import need
+
+torch = need("torch")
 
 from sed_export.checkpoint import file_sha256, load_checkpoint_into, resolve_weights  # noqa: E402
 from sed_export.config import WEIGHTS_DIR, load_model_config  # noqa: E402

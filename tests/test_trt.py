@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from needs import need
+
 from sed_export.trt_profiles import (
     N_MAX,
     ClassRange,
@@ -427,8 +429,8 @@ def env(tmp_path_factory):
 def rtx_bundle(request, tmp_path_factory, env):
     if rtx_missing:
         pytest.skip("tensorrt_rtx_bindings not installed (pip install 'sed-deploy[rtx]')")
-    pytest.importorskip("torch")
-    pytest.importorskip("onnx")
+    need("torch")
+    need("onnx")
     out = tmp_path_factory.mktemp("engines") / f"tiny-{request.param}"
     r = run("sed-export", "build", "--classes", "sky; grass; person; dog; building", "--precision", request.param,
             "--engine", "tensorrt-rtx", "--out", str(out), "--no-progress", env=env)
@@ -503,7 +505,7 @@ def test_rtx_builds_the_split_decoder_for_real(tmp_path, env):
     """--cer split: TensorRT-RTX builds the four segment plans, with the kernel library recorded when built."""
     if rtx_missing:
         pytest.skip("tensorrt_rtx_bindings not installed (pip install 'sed-deploy[rtx]')")
-    pytest.importorskip("torch")
+    need("torch")
     lib = _kernel_library(tmp_path / "kernels")
     out = tmp_path / "split"
     cmd = ["sed-export", "build", "--classes", "sky; grass; person; dog; building", "--engine", "tensorrt-rtx",
@@ -636,7 +638,6 @@ def test_rtx_plugin_node_decoder_without_its_library_fails_in_one_line(rtx_bundl
     out, precision = rtx_bundle
     if precision != "fp32":
         pytest.skip("one precision is enough for the parser path")
-    pytest.importorskip("sed_export.onnx_plugin")
     import onnx
     import tensorrt_rtx_bindings as trt
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnxruntime")
+from needs import need
+
+need("onnxruntime")
 
 from sed_runtime.backends.base import Backend, ImageFeatures
 from sed_runtime.errors import SedUserError
@@ -86,7 +88,7 @@ def test_features_are_checked_before_decoding(pipe: SedPipeline) -> None:
 
 
 def test_torch_backend_has_the_same_verbs() -> None:
-    pytest.importorskip("torch")
+    need("torch")
     from sed_runtime.backends.torch_backend import TorchBackend
 
     backend = TorchBackend("sed-shapes")
