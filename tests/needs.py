@@ -12,7 +12,7 @@ from types import ModuleType
 import pytest
 
 EXTRAS = {"torch": "export", "open_clip": "export", "onnx": "onnx", "onnxruntime": "onnx", "tokenizers": "onnx",
-          "hypothesis": "dev"}
+          "hypothesis": "dev", "openvino": "openvino"}
 
 
 def need(name: str) -> ModuleType:

@@ -11,7 +11,7 @@ from .base import Backend, BackendResult, InputSpec
 
 __all__ = ["Backend", "BackendResult", "InputSpec", "make_backend", "BACKENDS"]
 
-BACKENDS = ("auto", "ort", "trt", "torch")
+BACKENDS = ("auto", "ort", "openvino", "trt", "torch")
 
 
 def make_backend(
@@ -25,6 +25,7 @@ def make_backend(
     allow_pickle: bool = False,
     low_memory: bool = False,
     torch_precision: str = "fp32",
+    openvino_precision: str = "fp32",
 ) -> Backend:
     """auto: TensorRT for a bundle with plans (when their TensorRT and a GPU are here), else ONNX Runtime for a
     bundle, the PyTorch reference for a model name or config."""
@@ -48,6 +49,14 @@ def make_backend(
         from .trt_backend import TrtBackend
 
         return TrtBackend(bundle)
+    if backend == "openvino":
+        if bundle is None:
+            raise SedUserError("--backend openvino runs a bundle: build one with `sed-export build` and pass its folder")
+        if device != "cpu":
+            raise SedUserError(f"--device {device} is for --backend torch; the openvino backend runs on the CPU")
+        from .openvino_backend import OpenVinoBackend
+
+        return OpenVinoBackend(bundle, precision=openvino_precision)
     if backend == "ort":
         if bundle is None:
             raise SedUserError("--backend ort runs a bundle: build one with `sed-export build` and pass its folder")
