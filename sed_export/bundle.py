@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from sed_runtime.backends.base import InputSpec
 from sed_runtime.bundle import FORMAT, MANIFEST, sha256_file
 from sed_runtime.errors import OutputError, SedUserError
 from sed_runtime.vocab import Vocabulary
@@ -101,6 +102,26 @@ def building(out: Path) -> Iterator[Path]:
         raise
 
 
+def _quantized_encoder(enc: Any, tmp: Path, config: Any, weights: dict[str, Any], calibration: tuple[str, int, int],
+                       log: Log) -> dict[str, Any]:
+    """Write tmp/encoder.onnx as the static-int8 QDQ version of `enc`; returns the manifest's record."""
+    from .calibration import calibration_set, calibration_tensors, quantize_encoder
+    from .onnx_export import save_graph
+
+    source, count, seed = calibration
+    calib = calibration_set(source, count, seed)
+    c = config.sed
+    spec = InputSpec(c.input_size, c.min_size_test, c.max_size_test, tuple(c.pixel_mean), tuple(c.pixel_std))
+    tensors, cached = calibration_tensors(config.name, weights.get("checkpoint_sha256"), spec, calib)
+    fp32 = tmp / ".encoder-fp32.onnx"
+    save_graph(enc, fp32)
+    record = quantize_encoder(fp32, tmp / "encoder.onnx", tensors)
+    fp32.unlink()
+    log(f"calibration    {len(calib.names)} images from {source} (seed {seed}){', cached' if cached else ''}")
+    return {**record, "calibration": {"source": calib.source, "images": len(calib.names), "seed": seed,
+                                      "image_list_sha256": calib.digest, "names": list(calib.names)}}
+
+
 def build_bundle(
     model_spec: str,
     vocab: Vocabulary,
@@ -114,6 +135,7 @@ def build_bundle(
     log: Log = print,
     engine_build: EngineBuild | None = None,
     split_decoder: bool = False,
+    calibration: tuple[str, int, int] | None = None,
 ) -> Path:
     """Export encoder, decoder and text encoder ONNX, the tokenizer and `vocab`'s embeddings; return `out`.
 
@@ -142,8 +164,12 @@ def build_bundle(
     from .text import cached_text_embeddings, text_tower_digest
     from .tokenizer_export import clip_tokenizer_json
 
-    if precision not in PRECISIONS:
-        raise SedUserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in (*PRECISIONS, "int8"):
+        raise SedUserError(f"--precision must be one of {', '.join(PRECISIONS)} or int8, got {precision!r}")
+    if (precision == "int8") != (calibration is not None):
+        raise SedUserError("--precision int8 needs calibration images (--calib DIR or --calib shapes), and "
+                           "--calib is for --precision int8 only")
+    graph_precision = "fp32" if precision == "int8" else precision
     if out.exists() and not force:
         raise OutputError(f"{out} already exists; pass --force to replace it or choose another --out")
     if out.exists() and not (out / MANIFEST).is_file():
@@ -155,18 +181,22 @@ def build_bundle(
     with building(out) as tmp:
         graphs: dict[str, dict[str, Any]] = {}
         t0 = time.perf_counter()
-        enc = build_encoder_graph(model, precision)
-        save_graph(enc, tmp / "encoder.onnx")
+        enc = build_encoder_graph(model, graph_precision)
+        quantization = None
+        if calibration is None:
+            save_graph(enc, tmp / "encoder.onnx")
+        else:
+            quantization = _quantized_encoder(enc, tmp, config, weights, calibration, log)
         graphs["encoder"] = {"file": "encoder.onnx", **_io(enc)}
-        log(f"encoder.onnx   {time.perf_counter() - t0:6.1f} s")
+        log(f"encoder.onnx   {time.perf_counter() - t0:6.1f} s{' (int8)' if quantization else ''}")
         t0 = time.perf_counter()
-        parts = export_decoder_parts(model, precision)
-        dec = build_decoder_graph(model, precision, parts)
+        parts = export_decoder_parts(model, graph_precision)
+        dec = build_decoder_graph(model, graph_precision, parts)
         save_graph(dec, tmp / "decoder.onnx")
         graphs["decoder"] = {"file": "decoder.onnx", **_io(dec)}
         if split_decoder:
             (tmp / SPLIT_DIR).mkdir()
-            for name, seg in build_decoder_segments(model, precision, parts).items():
+            for name, seg in build_decoder_segments(model, graph_precision, parts).items():
                 save_graph(seg, tmp / segment_file(name))
                 graphs[name] = {"file": segment_file(name), **_io(seg)}
         split_note = " (+ split at the CER points)" if split_decoder else ""
@@ -197,6 +227,7 @@ def build_bundle(
             "model": config.to_dict(),
             "weights": weights,
             "precision": precision,
+            **({"quantization": quantization} if quantization else {}),
             "opset": OPSET,
             "engine": engines["engine"] if engines else "onnx",
             "producer": _versions(),

@@ -83,7 +83,12 @@ def build(
     ] = None,
     model: Annotated[str, typer.Option(help="Built-in model name or model JSON file.")] = "sed-tiny",
     checkpoint: Annotated[Optional[Path], typer.Option(help="Official checkpoint (random weights otherwise).")] = None,
-    precision: Annotated[str, typer.Option(help="fp32 or fp16 (norms and CER ranking stay fp32).")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32, fp16 (norms and CER ranking stay fp32), or int8 (CPU: the "
+                                           "encoder as static QDQ int8, the decoder fp32; needs --calib).")] = "fp32",
+    calib: Annotated[Optional[str], typer.Option(
+        help="int8 calibration images: a folder of your images, or 'shapes' for generated scenes.")] = None,
+    calib_images: Annotated[int, typer.Option(help="Calibration images drawn from --calib.")] = 32,
+    calib_seed: Annotated[int, typer.Option(help="Seed of the draw from --calib.")] = 0,
     engine: Annotated[
         str,
         typer.Option(
@@ -126,8 +131,16 @@ def build(
 
     from .config import load_model_config
 
-    if precision not in ("fp32", "fp16"):  # checked here, before the heavy imports below
-        raise SedUserError(f"--precision must be fp32 or fp16, got {precision!r}")
+    if precision not in ("fp32", "fp16", "int8"):  # checked here, before the heavy imports below
+        raise SedUserError(f"--precision must be fp32, fp16 or int8, got {precision!r}")
+    if precision == "int8" and calib is None:
+        raise SedUserError("--precision int8 needs calibration images: --calib DIR (your images) or --calib shapes")
+    if precision != "int8" and calib is not None:
+        raise SedUserError("--calib is for --precision int8")
+    if calib_images < 1:
+        raise SedUserError(f"--calib-images must be >= 1, got {calib_images}")
+    if calib is not None and calib != "shapes" and not Path(calib).is_dir():
+        raise SedUserError(f"--calib {calib}: not a folder; pass a folder of images or 'shapes'")
     config = load_model_config(model)
     target = out or Path("engines") / f"{config.name}-{precision}"
     if target.exists() and not force:
@@ -142,7 +155,10 @@ def build(
     from .trt_build import EngineOptions, build_plans, resolve_engine
     from .trt_profiles import class_range
 
-    choice = resolve_engine(engine)  # an explicit engine that cannot build fails here, before any export
+    if precision == "int8" and engine not in ("auto", "onnx"):
+        raise SedUserError("int8 bundles are for ONNX Runtime and OpenVINO on the CPU (asymmetric QDQ); the TensorRT "
+                           "flavour (symmetric Q/DQ) is not built yet: use --engine onnx")
+    choice = resolve_engine("onnx" if precision == "int8" else engine)
     opts = EngineOptions(
         engine=choice.engine,
         max_classes=max_classes,
@@ -171,6 +187,7 @@ def build(
         progress=progress,
         engine_build=engine_build,
         split_decoder=choice.engine is not None and cer_mode == "split",
+        calibration=None if calib is None else (calib, calib_images, calib_seed),
     )
     print(f"bundle written to {target}")
     if choice.note:
