@@ -284,5 +284,34 @@ def check(
         raise typer.Exit(1)
 
 
+@app.command()
+@user_errors
+def triton(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder (from `sed-export build`).")],
+    out: Annotated[Path, typer.Option(help="New model repository folder.")],
+    platform: Annotated[str, typer.Option(
+        help="onnxruntime (the bundle's ONNX files) or tensorrt (its plans; the text encoder stays ONNX).")] = (
+        "onnxruntime"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+) -> None:
+    """Export a Triton model repository: encoder, decoder, text encoder and the `sed` ensemble."""
+    from sed_runtime.bundle import find_bundle_dir
+    from sed_runtime.cli_common import check_output_folder
+    from sed_runtime.errors import BundleError, SedUserError
+
+    from .triton import PLATFORMS, write_triton_repository
+
+    if platform not in PLATFORMS:
+        raise SedUserError(f"--platform must be one of {', '.join(PLATFORMS)}, got {platform!r}")
+    found = find_bundle_dir(bundle) if bundle.exists() else None
+    if found is None:
+        raise BundleError(f"{bundle} is not a bundle (no manifest.json); pass the folder of `sed-export build`")
+    if out.exists() and not force:
+        raise SedUserError(f"{out} already exists; pass --force to replace it or choose another --out")
+    check_output_folder(out)
+    write_triton_repository(found, out, platform=platform, force=force)
+    print(f"Triton model repository written to {out} (models: sed_encoder, sed_decoder, sed_text_encoder, sed)")
+
+
 if __name__ == "__main__":
     app()

@@ -12,7 +12,7 @@ from types import ModuleType
 import pytest
 
 EXTRAS = {"torch": "export", "open_clip": "export", "onnx": "onnx", "onnxruntime": "onnx", "tokenizers": "onnx",
-          "hypothesis": "dev", "openvino": "openvino"}
+          "hypothesis": "dev", "openvino": "openvino", "tritonclient": "triton"}
 
 
 def need(name: str) -> ModuleType:
