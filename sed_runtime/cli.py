@@ -189,5 +189,49 @@ def infer(
         raise typer.Exit(130) from None
 
 
+@app.command()
+@user_errors
+def batch(
+    input: Annotated[str, typer.Argument(help="Folder of images (local, or a URI pyarrow reaches: s3://...).")],
+    output: Annotated[Path, typer.Argument(help="Output folder: labels/*.png (uint16) and summary.parquet.")],
+    bundle: Annotated[Path, typer.Option(help="Bundle folder (from `sed-export build`).")],
+    vocab: Annotated[Optional[str], typer.Option(help="Vocabulary (default: the bundle's).")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="Inline classes instead of --vocab.")] = None,
+    topk: Annotated[str, typer.Option(help="Classes kept per pixel at each CER point, or 'all'.")] = "8",
+    address: Annotated[Optional[str], typer.Option(
+        help="Ray cluster to join (e.g. auto, ray://host:10001); default: a private local Ray on 127.0.0.1.")] = None,
+    actors: Annotated[int, typer.Option(help="Actors in the pool, one backend each.")] = 1,
+    cpus_per_actor: Annotated[int, typer.Option(help="CPUs per actor (= ONNX Runtime intra-op threads).")] = 1,
+    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per actor (with --backend trt).")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Images per actor call.")] = 1,
+    backend: Annotated[str, typer.Option(help="ort, openvino or trt, inside each actor.")] = "ort",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Segment a whole folder on Ray Data; resumable (done images are skipped), bad images become error rows."""
+    import importlib.util
+
+    from .bundle import find_bundle_dir
+    from .errors import SedUserError
+    from .vocab import load_vocabulary
+
+    k = parse_topk(topk)
+    if backend not in ("ort", "openvino", "trt"):
+        raise SedUserError(f"--backend for sed-run batch must be ort, openvino or trt, got {backend!r}")
+    if importlib.util.find_spec("ray") is None:
+        raise SedUserError("sed-run batch needs Ray Data: pip install 'sed-deploy[ray]'")
+    found = find_bundle_dir(bundle) if bundle.exists() else None
+    if found is None:
+        raise SedUserError(f"bundle {bundle} not found; pass the folder written by `sed-export build`")
+    vocabulary = None if vocab is None and classes is None else load_vocabulary(vocab, classes=classes)
+    check_output_folder(output, "OUTPUT")
+    from .batch import run
+
+    summary = run(input, output, found, vocab=vocabulary, topk=k, address=address, actors=actors,
+                  cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size,
+                  backend=backend, progress=progress)
+    print(f"{summary.done} images segmented, {summary.skipped} skipped (done before), {summary.errors} errors, "
+          f"{summary.images_per_second:.2f} images/s -> {output}/labels, {output}/summary.parquet")
+
+
 if __name__ == "__main__":
     app()

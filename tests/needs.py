@@ -12,7 +12,7 @@ from types import ModuleType
 import pytest
 
 EXTRAS = {"torch": "export", "open_clip": "export", "onnx": "onnx", "onnxruntime": "onnx", "tokenizers": "onnx",
-          "hypothesis": "dev", "openvino": "openvino", "tritonclient": "triton"}
+          "hypothesis": "dev", "openvino": "openvino", "tritonclient": "triton", "ray": "ray"}
 
 
 def need(name: str) -> ModuleType:
