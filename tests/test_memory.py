@@ -81,7 +81,8 @@ print(json.dumps({"increment_mb": peak - base, "predicted_mb": be.decoder_memory
 
 def test_ort_estimate_is_an_upper_end_of_a_measured_run() -> None:
     """A fresh process runs the demo bundle's decoder with 300 classes, every one kept: the prediction must not be
-    below the measured increment (a refusal that lets a run be killed is worse than none), nor far above it."""
+    below the measured increment (a refusal that lets a run be killed is worse than none), nor far above it.
+    The arena's peak for this very run was 1.06 GB alone and 2.38 GB inside the suite, hence the wide band."""
     need("onnxruntime")
     r = subprocess.run([sys.executable, "-c", _MEASURE, str(DEMO_BUNDLE), "300"], capture_output=True, text=True,
                        timeout=300, cwd=ROOT)
