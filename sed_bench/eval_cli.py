@@ -128,6 +128,7 @@ def main(
                 label = f"{engine.name} {Bundle.open(target, verify=False).manifest['precision']}"
                 if label in pipelines:
                     label = f"{label} ({target.name})"
+            _check_memory(engine, len(vocabulary), topks)
             pipelines[label] = SedPipeline(engine, vocabulary, topk=topks[0], progress=progress)
     run = run_eval(pipelines, topks, dataset, len(vocabulary), progress=progress)
     if out is not None:
@@ -136,6 +137,19 @@ def main(
     print(table.rstrip())
     if out is not None:
         print(f"\nreports written to {out}")
+
+
+def _check_memory(engine: object, num_classes: int, topks: list[int | None]) -> None:
+    """As sed-run does: refuse before any image a decoder predicted not to fit in the free memory (the
+    largest k asked for decides; 'all' keeps every class)."""
+    from sed_runtime.memory import available_bytes, check_fits
+
+    worst = None if None in topks else max(k for k in topks if k is not None)
+    random_weights = "random" in str(engine.describe().get("weights", ""))  # type: ignore[attr-defined]
+    note = check_fits(engine.decoder_memory(), num_classes, worst, random_weights=random_weights,  # type: ignore[attr-defined]
+                      budget_bytes=available_bytes())
+    if note:
+        print(note)
 
 
 if __name__ == "__main__":
