@@ -102,6 +102,26 @@ def test_batch_equals_the_pipeline_resumes_and_reports_bad_images(ray_local, tmp
     assert (out / "labels" / "scene1.png").exists()
 
 
+def test_actors_holding_every_cpu_still_get_decoded_images(ray_local, tmp_path: Path) -> None:
+    """With --cpus-per-actor 2 on this 2-CPU Ray the actor holds every CPU; decode tasks that waited for a CPU
+    stalled the run forever, so this test gives up (fails) after 120 s instead of hanging."""
+    import signal
+
+    _images(tmp_path / "in", 2)
+
+    def give_up(*_: object) -> None:
+        raise TimeoutError("sed-run batch stalled with the actor holding every CPU")
+
+    old = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(120)
+    try:
+        s = batch.run(str(tmp_path / "in"), tmp_path / "out", DEMO_BUNDLE, cpus_per_actor=2, progress=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert (s.done, s.errors) == (2, 0)
+
+
 @pytest.mark.parametrize("args, message", [
     (["{tmp}/empty", "{tmp}/o", "--bundle", str(DEMO_BUNDLE)], "no images in"),
     (["{tmp}/in", "{tmp}/o", "--bundle", "{tmp}/nosuch"], "not found"),
