@@ -10,7 +10,6 @@ Each command runs in a fresh process on the same folder; wall time covers everyt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -67,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from sed_bench.measure import machine_info
+    from sed_bench.report import write_script_report
     from sed_runtime.scenes import write_scene_folder
 
     bin_dir = Path(sys.executable).parent
@@ -91,22 +91,21 @@ def main(argv: list[str] | None = None) -> int:
             r.update(label=label, images_per_s_wall=round(args.images / float(r["wall_s"]), 2))  # type: ignore[arg-type]
             rows.append(r)
             print(label, r, flush=True)
-    report = {"command": "python benchmarks/batch_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    given = argv if argv is not None else sys.argv[1:]
+    report = {"command": "python benchmarks/batch_throughput.py " + " ".join(given),
               "machine": machine_info(), "images": args.images, "bundle": str(args.bundle), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     m = report["machine"]
     base = rows[0]["wall_s"]
     lines = [f"# Batch throughput: {args.images} generated scenes, {args.bundle}", "",
              f"Command: `{report['command']}`", "",
              f"Machine: {m['cpu']}, {m['usable_cpus']} CPUs, {m['memory_gib']} GiB; each command a fresh process, "
              "wall time including start-up (Ray's included).", "",
-             "| run | wall s | images/s | vs one process | actor peak RSS MB | final line |", "|---|---|---|---|---|---|"]
+             "| run | wall s | images/s | vs one process | actor peak RSS MB | final line |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['wall_s']} | {r['images_per_s_wall']} | {base / r['wall_s']:.2f}x | "
                      f"{', '.join(str(x) for x in r['actor_peak_rss_mb']) or '-'} | {r['last_line'][:90]} |")
-    (args.out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_script_report(args.out, report, lines)
     return 0
 
 

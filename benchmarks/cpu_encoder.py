@@ -11,7 +11,6 @@ judged on the trained model, see calib/README.md).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from sed_bench.measure import machine_info, versions
+    from sed_bench.report import write_script_report
     from sed_export.bundle import build_bundle
     from sed_runtime.backends.openvino_backend import OpenVinoBackend
     from sed_runtime.backends.ort_backend import OrtBackend
@@ -82,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": "python benchmarks/cpu_encoder.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine_info(), "versions": versions(), "model": args.model, "iters": args.iters,
               "input": list(image.shape), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     m = report["machine"]
     lines = [f"# CPU encoder paths: {args.model}, {image.shape[-1]} x {image.shape[-1]}", "",
              f"Command: `{report['command']}`", "",
@@ -91,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
              f"{m.get('load_average_at_start')}; {args.iters} timed iterations after one warm-up, paths interleaved.",
              "Random weights (speed does not depend on them); the cosine compares each path's dense output with "
              "ONNX Runtime fp32 on the same image.", "",
-             "| path | median ms | min ms | speed-up vs torch eager | dense cosine vs ORT fp32 |", "|---|---|---|---|---|"]
-    lines += [f"| {r['path']} | {r['median_ms']} | {r['min_ms']} | {r['vs_torch_eager']}x | {r['dense_cosine_vs_ort_fp32']} |"
+             "| path | median ms | min ms | speed-up vs torch eager | dense cosine vs ORT fp32 |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['path']} | {r['median_ms']} | {r['min_ms']} | {r['vs_torch_eager']}x | "
+              f"{r['dense_cosine_vs_ort_fp32']} |"
               for r in rows]
-    (args.out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_script_report(args.out, report, lines)
     return 0
 
 

@@ -13,7 +13,6 @@ checkpoint can be downloaded here): the cost does not depend on them, and equali
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -32,12 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
-    import open_clip
     import onnxruntime as ort
+    import open_clip
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from sed_bench.measure import machine_info
+    from sed_bench.report import write_script_report
     from sed_export.config import load_model_config
     from sed_export.model import build_model
     from sed_export.onnx_export import _export, save_graph
@@ -133,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
             "speedup_vs_predicted_old": round(report["whole"]["torch_old_predicted_s"] / took, 2),
             "slice_rows_max_abs_diff_vs_torch_old": float(np.abs(full[: len(part)] - emb["torch old"]).max()),
         })
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     s = report["slice"]
     lines = [
         f"# Text embeddings at vocabulary scale: {args.model}, {vocab.name}", "",
@@ -155,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Speed-up on the slice: torch {s['speedup_torch']}x, ONNX Runtime {s['speedup_ort']}x.", ""]
     w = report["whole"]
     if "torch_new_s" in w:
-        lines.append(f"Whole {vocab.name} ({w['prompts']} prompts) from an empty cache, torch, cut: {w['torch_new_s']} s; "
+        lines.append(f"Whole {vocab.name} ({w['prompts']} prompts) from an empty cache, torch, cut: "
+                     f"{w['torch_new_s']} s; "
                      f"the 77-token path predicted from the slice: {w['torch_old_predicted_s']} s "
                      f"({w['speedup_vs_predicted_old']}x). Its first {len(part)} classes equal the slice's 77-token "
                      f"embeddings within {w['slice_rows_max_abs_diff_vs_torch_old']:.1e}.")
-    (args.out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_script_report(args.out, report, lines)
     return 0
 
 

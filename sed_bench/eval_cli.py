@@ -45,8 +45,8 @@ def main(
     model: Annotated[str, typer.Option(help="Built-in model or model JSON (without a bundle).")] = "sed-shapes",
     checkpoint: Annotated[Optional[Path], typer.Option(
         help="Checkpoint (default: the model's shipped weights).")] = None,
-    backend: Annotated[str, typer.Option(help="torch, ort, openvino, trt, auto, or several side by side: torch,ort (the "
-                                         "first is the reference for seg agreement).")] = "auto",
+    backend: Annotated[str, typer.Option(help="torch, ort, openvino, trt, auto, or several side by side: torch,ort "
+                                         "(the first is the reference for seg agreement).")] = "auto",
     precision: Annotated[str, typer.Option(help="Torch backend precision: fp32 or fp16 (autocast).")] = "fp32",
     vocab: Annotated[Optional[str], typer.Option(help="Vocabulary (default: shapes for generated data, else the "
                                                  "bundle's).")] = None,

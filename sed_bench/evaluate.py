@@ -16,6 +16,7 @@ from typing import Any
 from sed_runtime.evaluation import EvalRun
 
 from .measure import cpu_model
+from .report import write_whole
 
 __all__ = ["render_markdown", "run_json", "write_reports"]
 
@@ -80,11 +81,4 @@ def write_reports(run: EvalRun, out: Path) -> list[Path]:
                          "" if c["kept_counts_mean"] is None else " ".join(map(str, c["kept_counts_mean"]))])
     files = {"report.md": render_markdown(run), "results.json": json.dumps(data, indent=2) + "\n",
              "results.csv": buf.getvalue()}
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in files.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
-        written.append(out / name)
-    return written
+    return write_whole(out, files)

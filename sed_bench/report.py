@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -464,6 +465,25 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def write_whole(out: Path, files: dict[str, str]) -> list[Path]:
+    """Write each name -> text into `out` (created) through a temporary name, so no report file is ever half
+    written; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in files.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+        written.append(out / name)
+    return written
+
+
+def write_script_report(out: Path, results: dict[str, Any], lines: list[str]) -> None:
+    """What each benchmarks/*.py script leaves: results.json and report.md (written whole), the report printed."""
+    write_whole(out, {"results.json": json.dumps(results, indent=2) + "\n", "report.md": "\n".join(lines) + "\n"})
+    print("\n".join(lines))
 
 
 def write_reports(results: dict[str, Any], out: Path) -> dict[str, Path]:

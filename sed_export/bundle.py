@@ -110,8 +110,7 @@ def _quantized_encoder(enc: Any, tmp: Path, config: Any, weights: dict[str, Any]
 
     source, count, seed = calibration
     calib = calibration_set(source, count, seed)
-    c = config.sed
-    spec = InputSpec(c.input_size, c.min_size_test, c.max_size_test, tuple(c.pixel_mean), tuple(c.pixel_std))
+    spec = InputSpec.from_settings(config.sed)
     tensors, cached = calibration_tensors(config.name, weights.get("checkpoint_sha256"), spec, calib)
     fp32 = tmp / ".encoder-fp32.onnx"
     save_graph(enc, fp32)

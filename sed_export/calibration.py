@@ -26,11 +26,11 @@ import numpy as np
 
 from sed_runtime.backends.base import InputSpec
 from sed_runtime.errors import DatasetError, SedUserError
+from sed_runtime.evaluation import IMAGE_SUFFIXES
 from sed_runtime.text_cache import default_cache_dir
 
 __all__ = ["CalibrationSet", "calibration_set", "calibration_tensors", "quantize_encoder"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 CALIB_SCENE_SEED = 7  # generated calibration scenes: neither the training seed (0) nor sed-eval's (1000)
 OP_TYPES = ("Conv", "MatMul", "Gemm")
 

@@ -287,8 +287,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     vocab = Vocabulary("shapes", SHAPES_CLASSES)
     model = build_model(config, seed=settings.seed)
-    spec = InputSpec(config.sed.input_size, config.sed.min_size_test, config.sed.max_size_test,
-                     config.sed.pixel_mean, config.sed.pixel_std)
+    spec = InputSpec.from_settings(config.sed)
     start = 0
     resume_path = out / RESUME_FILE
     resuming = resume and resume_path.exists()

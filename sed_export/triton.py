@@ -57,7 +57,7 @@ def _ensemble_config(graphs: dict[str, dict[str, Any]]) -> str:
             + _tensors("input", inputs) + _tensors("output", outputs)
             + "ensemble_scheduling {\n  step [\n"
             + f'    {{\n      model_name: "{NAMES["encoder"]}"\n      model_version: -1\n'
-            + f'      input_map {{\n        key: "image"\n        value: "image"\n      }}\n' + enc_map + "    },\n"
+            + '      input_map {\n        key: "image"\n        value: "image"\n      }\n' + enc_map + "    },\n"
             + f'    {{\n      model_name: "{NAMES["decoder"]}"\n      model_version: -1\n' + dec_in + dec_out
             + "    }\n  ]\n}\n")
 
@@ -92,7 +92,8 @@ def validate_config(text: str) -> Any:
     try:
         return text_format.Parse(text, model_config_pb2.ModelConfig())
     except text_format.ParseError as e:
-        raise SedUserError(f"generated config.pbtxt does not parse with Triton's schema ({e}); please report it") from None
+        raise SedUserError(f"generated config.pbtxt does not parse with Triton's schema ({e}); "
+                           "please report it") from None
 
 
 def write_triton_repository(bundle_dir: Path, out: Path, platform: str = "onnxruntime", force: bool = False) -> Path:

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from .errors import OutputError, SedUserError
+from .evaluation import IMAGE_SUFFIXES
 
 __all__ = ["BatchSummary", "labels_path", "list_images", "run", "start_local_ray"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SUMMARY = "summary.parquet"
 
 # Before any `import ray` in this process: Ray reads it at import time (see start_local_ray).

@@ -111,13 +111,11 @@ class Bundle:
         return str(self.manifest["model"]["name"])
 
     @property
-    def weights_summary(self) -> dict[str, object]:
-        """The `describe()` fields every bundle backend reports about the weights the bundle was exported from."""
+    def summary(self) -> dict[str, object]:
+        """The `describe()` fields every bundle backend reports: model, folder, and the weights it was exported from."""
         w = self.manifest["weights"]
-        return {
-            "checkpoint_sha256": w.get("checkpoint_sha256"),
-            "weights": weights_label(w.get("source"), w.get("checkpoint_name")),
-        }
+        return {"model": self.model_name, "bundle": str(self.root), "checkpoint_sha256": w.get("checkpoint_sha256"),
+                "weights": weights_label(w.get("source"), w.get("checkpoint_name"))}
 
     @property
     def embed_dim(self) -> int:

@@ -23,7 +23,7 @@ from .scenes import IGNORE_INDEX, generate_scene
 __all__ = ["EVAL_SEED", "Dataset", "EvalCell", "EvalRun", "folder_dataset", "generated_dataset", "run_eval"]
 
 EVAL_SEED = 1000  # held-out scenes; `sed-export train` uses data seed 0 by default
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # of dataset folders
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def folder_dataset(
     for folder, what in ((images, "image"), (labels, "label")):
         if not folder.is_dir():
             raise DatasetError(f"{what} folder {folder} not found; give a folder with images/ and labels/")
-    files = sorted(p for p in images.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DatasetError(f"{images} holds no images; put the images in images/ and their label PNGs in labels/")
     pairs = []

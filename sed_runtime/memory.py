@@ -147,7 +147,8 @@ def check_fits(memory: DecoderMemory | None, num_classes: int, topk: int | None,
             "random weights keep nearly every class at each CER point"
         raise MemoryBudgetError(
             f"this run needs about {need:.1f} GiB for the decoder ({num_classes} classes, {why}) but has "
-            f"{max(have, 0.0):.1f} GiB (free memory, or --max-memory); use fewer classes, a smaller --topk with trained weights, "
+            f"{max(have, 0.0):.1f} GiB (free memory, or --max-memory); use fewer classes, a smaller --topk with "
+            "trained weights, "
             f"{'--low-memory, ' if memory.backend == 'ort' else ''}or --max-memory GB to run anyway")
     return (f"note: if CER kept all {num_classes} classes the decoder would need about {need:.1f} GiB "
             f"({max(have, 0.0):.1f} GiB available); a trained model at --topk {topk} keeps far fewer")

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from needs import need
 
 from sed_runtime.errors import (

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from needs import need
 
 from sed_runtime import batch  # before Ray is imported: it sets Ray's loopback-only switch

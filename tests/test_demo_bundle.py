@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-
 from needs import need
 
 need("onnxruntime")

@@ -14,8 +14,6 @@ import json
 import os
 
 import numpy as np
-import pytest
-
 from needs import need
 
 hypothesis = need("hypothesis")

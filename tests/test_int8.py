@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from needs import need
 
 need("torch")
@@ -102,8 +101,8 @@ def test_int8_graph_is_qdq_with_per_channel_s8_weights(int8_bundle: Path) -> Non
 def test_int8_bundle_agrees_with_fp32_on_ort_and_openvino(int8_bundle: Path) -> None:
     """On the trained model: >= 98% of pixels get the class the fp32 reference gives (measured 99.5% on 40
     held-out scenes), on both CPU runtimes."""
-    from sed_runtime.backends.torch_backend import TorchBackend
     from sed_runtime.backends.ort_backend import OrtBackend
+    from sed_runtime.backends.torch_backend import TorchBackend
     from sed_runtime.pipeline import SedPipeline
     from sed_runtime.scenes import SHAPES_CLASSES, generate_scene
     from sed_runtime.vocab import Vocabulary

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from needs import need
 
 from sed_runtime.errors import MemoryBudgetError
-from sed_runtime.memory import GiB, DecoderMemory, check_fits, decoder_elements
+from sed_runtime.memory import DecoderMemory, GiB, check_fits, decoder_elements
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "examples" / "bundles" / "sed-shapes"

@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from needs import need
 
 torch = need("torch")

@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from needs import need
 
 need("tritonclient")
 onnx = need("onnx")
 
-from sed_export.triton import ENSEMBLE, NAMES, validate_config
 from tritonclient.grpc import model_config_pb2 as mc
+
+from sed_export.triton import ENSEMBLE, NAMES, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -15,7 +15,6 @@ import types
 from pathlib import Path
 
 import pytest
-
 from needs import need
 
 from sed_export.trt_profiles import (

@@ -51,7 +51,8 @@ def make_backend(
         return TrtBackend(bundle)
     if backend == "openvino":
         if bundle is None:
-            raise SedUserError("--backend openvino runs a bundle: build one with `sed-export build` and pass its folder")
+            raise SedUserError("--backend openvino runs a bundle: build one with `sed-export build` and pass "
+                               "its folder")
         if device != "cpu":
             raise SedUserError(f"--device {device} is for --backend torch; the openvino backend runs on the CPU")
         from .openvino_backend import OpenVinoBackend

@@ -40,6 +40,11 @@ class InputSpec:
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
 
+    @classmethod
+    def from_settings(cls, s: Any) -> InputSpec:
+        """From a model config's `sed` settings (`sed_export.config.SedSettings`): its test-time preprocessing."""
+        return cls(s.input_size, s.min_size_test, s.max_size_test, tuple(s.pixel_mean), tuple(s.pixel_std))
+
     def preprocess(self, image: np.ndarray) -> Any:
         """The official test-time preprocessing with these settings (a `sed_runtime.preprocess.Preprocessed`)."""
         from ..preprocess import preprocess

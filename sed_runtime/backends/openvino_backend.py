@@ -100,11 +100,10 @@ class OpenVinoBackend(Backend):
         n = int(text.shape[0])
         k = n if topk is None else min(topk, n)
         timings: dict[str, float] = {}
-        if n not in self._decoders:
-            decoder = self._decoder_for(n)
+        compiled_now = n not in self._decoders
+        decoder = self._decoder_for(n)
+        if compiled_now:
             timings["decoder_compile"] = self.compile_ms[n]
-        else:
-            decoder = self._decoder_for(n)
         t0 = time.perf_counter()
         out = decoder({**features.data, "text": np.ascontiguousarray(text, dtype=np.float32),
                        "k": np.array([k], dtype=np.int64)})
@@ -116,11 +115,9 @@ class OpenVinoBackend(Backend):
     def describe(self) -> dict[str, Any]:
         return {
             "backend": self.name,
-            "model": self.bundle.model_name,
-            "bundle": str(self.bundle.root),
+            **self.bundle.summary,
             "precision": self.bundle.manifest["precision"],
             "inference_precision": self.precision,
-            **self.bundle.weights_summary,
             "openvino": self._ov.__version__,
             "decoder_compile_ms": {str(n): round(ms, 1) for n, ms in self.compile_ms.items()},
         }

@@ -81,11 +81,9 @@ class OrtBackend(Backend):
     def describe(self) -> dict[str, Any]:
         return {
             "backend": self.name,
-            "model": self.bundle.model_name,
-            "bundle": str(self.bundle.root),
+            **self.bundle.summary,
             "precision": self.bundle.manifest["precision"],
             "providers": self.providers,
             "low_memory": self.low_memory,
-            **self.bundle.weights_summary,
             "onnxruntime": self._ort_version,
         }

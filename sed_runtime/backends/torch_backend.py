@@ -102,8 +102,7 @@ class TorchBackend(Backend):
 
     @property
     def input_spec(self) -> InputSpec:
-        s = self.config.sed
-        return InputSpec(s.input_size, s.min_size_test, s.max_size_test, s.pixel_mean, s.pixel_std)
+        return InputSpec.from_settings(self.config.sed)
 
     def encode_text(self, vocab: Vocabulary, progress: bool = True) -> np.ndarray:
         import open_clip

@@ -787,8 +787,7 @@ class TrtBackend(Backend):
     def describe(self) -> dict[str, Any]:
         return {
             "backend": self.name,
-            "model": self.bundle.model_name,
-            "bundle": str(self.bundle.root),
+            **self.bundle.summary,
             "precision": self.record.precision,
             "engine": self.record.engine,
             "tensorrt": self.record.version,
@@ -797,7 +796,6 @@ class TrtBackend(Backend):
             "cuda_graph_encoder": self._graph_exec is not None,
             "cer": self.record.cer if self.record.cer != "split" else
             f"split ({'kernel library' if self.record.kernel else 'host rule'} between segment plans)",
-            **self.bundle.weights_summary,
         }
 
     def close(self) -> None:
