@@ -201,7 +201,7 @@ def train(
     model: Annotated[str, typer.Option(help="Built-in model name or model JSON file to train.")] = "sed-shapes",
     data: Annotated[str, typer.Option(help="Training data: 'shapes' (generated scenes, one new scene a step).")] = (
         "shapes"),
-    steps: Annotated[int, typer.Option(help="Optimiser steps (batch 1).")] = 2000,
+    steps: Annotated[int, typer.Option(help="Optimiser steps (batch 1).")] = 1400,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (linear warm-up, cosine decay).")] = 8e-4,
     seed: Annotated[int, typer.Option(help="Seed of the weight initialisation.")] = 0,
     data_seed: Annotated[int, typer.Option(help="Seed of the generated training scenes.")] = 0,
@@ -209,7 +209,7 @@ def train(
     text_steps: Annotated[int, typer.Option(help="Text-tower pretraining steps before it is frozen (a stand-in "
                                             "for CLIP's pretraining; 0 keeps the random tower).")] = 300,
     visual_steps: Annotated[int, typer.Option(help="Visual-tower pretraining steps aligning its dense features with "
-                                              "the class embeddings (a stand-in for CLIP's; 0 skips it).")] = 3000,
+                                              "the class embeddings (a stand-in for CLIP's; 0 skips it).")] = 4500,
     eval_images: Annotated[int, typer.Option(help="Held-out generated images scored into the model card.")] = 100,
     threads: Annotated[Optional[int], typer.Option(help="Torch CPU threads (default: torch's).")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Ignore a resume state in --out and start over.")] = False,

@@ -88,13 +88,13 @@ def generate_scene(seed: int, index: int) -> Scene:
     stuff_map = _stuff_layout(rng, h, w)
     image = np.zeros((h, w, 3), np.float32)
     for s in np.unique(stuff_map):
-        mask = stuff_map == s
-        image[mask] = _stuff_texture(rng, int(s), h, w)[mask]
+        np.copyto(image, _stuff_texture(rng, int(s), h, w), where=(stuff_map == s)[..., None])
     label = stuff_map.astype(np.uint8)
     for _ in range(int(rng.integers(1, 4))):
         _draw_thing(rng, image, label)
-    pixels = np.clip(image + rng.normal(0.0, 3.0, image.shape), 0, 255)  # sensor noise
-    return Scene(image=np.rint(pixels).astype(np.uint8), label=label, seed=int(seed), index=int(index))
+    image += 3.0 * rng.standard_normal(image.shape, dtype=np.float32)  # sensor noise
+    pixels = np.rint(np.clip(image, 0, 255, out=image), out=image)
+    return Scene(image=pixels.astype(np.uint8), label=label, seed=int(seed), index=int(index))
 
 
 def write_scene_folder(out: Path, seed: int, count: int) -> None:
@@ -153,39 +153,43 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nd
     return np.asarray(Image.fromarray(grid, mode="F").resize((w, h), Image.BILINEAR))
 
 
+def _rgb(values: list[int]) -> np.ndarray:
+    return np.array(values, np.float32)
+
+
 def _stuff_texture(rng: np.random.Generator, stuff: int, h: int, w: int) -> np.ndarray:
     """(h, w, 3) float texture of one stuff class over the whole frame (the caller masks it)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    jitter = rng.uniform(-12, 12, 3)
+    jitter = rng.uniform(-12, 12, 3).astype(np.float32)
     name = STUFF[stuff].split(",")[0]
     if name == "sky":  # vertical gradient, soft white clouds
         t = (yy / h)[..., None]
-        img = (1 - t) * np.array([90, 150, 235]) + t * np.array([175, 210, 250])
+        img = (1 - t) * _rgb([90, 150, 235]) + t * _rgb([175, 210, 250])
         clouds = np.clip(_smooth_noise(rng, h, w, 6) * 1.6 - 0.5, 0, 1)[..., None]
-        img = img * (1 - clouds) + 245 * clouds
+        img = img * (1 - clouds) + np.float32(245) * clouds
     elif name == "grass":
-        n = _smooth_noise(rng, h, w, 24)[..., None] + 0.5 * rng.uniform(-1, 1, (h, w, 1))
-        img = np.array([70, 140, 50]) + n * np.array([20, 35, 15])
+        n = _smooth_noise(rng, h, w, 24)[..., None] + 0.5 * rng.uniform(-1, 1, (h, w, 1)).astype(np.float32)
+        img = _rgb([70, 140, 50]) + n * _rgb([20, 35, 15])
     elif name == "water":
         waves = np.sin(yy / rng.uniform(4, 9) + 2.5 * _smooth_noise(rng, h, w, 8))[..., None]
-        img = np.array([25, 95, 130]) + waves * np.array([10, 25, 30])
+        img = _rgb([25, 95, 130]) + waves * _rgb([10, 25, 30])
     elif name == "sand":
-        n = _smooth_noise(rng, h, w, 10)[..., None] + 0.6 * rng.uniform(-1, 1, (h, w, 1))
-        img = np.array([215, 190, 140]) + n * np.array([15, 15, 12])
+        n = _smooth_noise(rng, h, w, 10)[..., None] + 0.6 * rng.uniform(-1, 1, (h, w, 1)).astype(np.float32)
+        img = _rgb([215, 190, 140]) + n * _rgb([15, 15, 12])
     elif name == "wall":  # grey blocks with darker mortar lines
         bh = rng.uniform(14, 30)
         bw = bh * rng.uniform(1.8, 2.6)
         row = np.floor(yy / bh)
         shift = (row % 2) * bw / 2
         mortar = ((yy % bh) < 2.5) | (((xx + shift) % bw) < 2.5)
-        img = np.where(mortar[..., None], np.array([105, 105, 110]), np.array([165, 160, 155]))
+        img = np.where(mortar[..., None], _rgb([105, 105, 110]), _rgb([165, 160, 155]))
         img = img + 8 * _smooth_noise(rng, h, w, 16)[..., None]
     else:  # road: dark asphalt with dashed white lane marks
-        n = 0.7 * rng.uniform(-1, 1, (h, w, 1)) + _smooth_noise(rng, h, w, 12)[..., None]
-        img = np.array([70, 70, 75]) + n * np.array([10, 10, 10])
+        n = 0.7 * rng.uniform(-1, 1, (h, w, 1)).astype(np.float32) + _smooth_noise(rng, h, w, 12)[..., None]
+        img = _rgb([70, 70, 75]) + n * _rgb([10, 10, 10])
         period, lane_y = rng.uniform(60, 120), rng.uniform(0.3, 0.8) * h
         marks = (np.abs(yy - lane_y) < 3) & ((xx % period) < period / 2)
-        img = np.where(marks[..., None], np.array([230, 230, 225]), img)
+        img = np.where(marks[..., None], _rgb([230, 230, 225]), img)
     return (img + jitter).astype(np.float32)
 
 

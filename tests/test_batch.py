@@ -19,7 +19,7 @@ need("onnxruntime")
 
 from PIL import Image
 
-from sed_runtime.scenes import generate_scene
+from sed_runtime.scenes import SHAPES_CLASSES, generate_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -92,7 +92,12 @@ def test_batch_equals_the_pipeline_resumes_and_reports_bad_images(ray_local, tmp
         assert label.dtype == np.uint16
         np.testing.assert_array_equal(label, pipe(p).seg)
     row = next(r for r in table if r["image"].endswith("scene0.png"))
-    assert row["model_ms"] > 0 and row["decode_ms"] > 0 and row["height"] > 0 and "sky" in row["classes_present"]
+    assert row["model_ms"] > 0 and row["decode_ms"] > 0 and row["height"] > 0
+    truth = generate_scene(1000, 0).label  # scene0: sand and wall cover nearly all of it
+    names = dict(enumerate(SHAPES_CLASSES))
+    for cls in np.unique(truth[truth != 255]):
+        if (truth == cls).mean() > 0.3:
+            assert names[int(cls)] in row["classes_present"], (names[int(cls)], row["classes_present"])
 
     (out / "labels" / "scene1.png").unlink()  # as if the run had been killed before this image
     again = batch.run(str(tmp_path / "in"), out, DEMO_BUNDLE, topk=8, progress=False)
