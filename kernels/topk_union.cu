@@ -150,7 +150,12 @@ __device__ __forceinline__ int count_at_least(T const* __restrict__ logits, int 
   for (int c = lane; c < num_classes; c += 32) {
     n += make_key(to_float(logits[static_cast<size_t>(c) * stride + p]), c) >= threshold ? 1 : 0;
   }
-  return __reduce_add_sync(0xFFFFFFFFu, static_cast<unsigned int>(n));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __reduce_add_sync(0xFFFFFFFFu, static_cast<unsigned int>(n));  // one instruction from sm_80 (Ampere)
+#else
+  for (int offset = 16; offset > 0; offset >>= 1) n += __shfl_xor_sync(0xFFFFFFFFu, n, offset);  // Turing: 5 shuffles
+  return n;
+#endif
 }
 
 template <typename T>
@@ -245,6 +250,16 @@ cudaError_t launch_flags(T const* logits, int num_classes, int num_pixels, int64
 }
 
 }  // namespace detail
+
+#ifndef SED_CUDA_ARCHS
+#define SED_CUDA_ARCHS "unknown"
+#endif
+// Searchable in the library file ("SED_CUDA_ARCHS=80,86,90"), so a bundle records the architectures without
+// loading the library, and the runtime refuses it at load on a GPU it cannot run on.
+char const* topk_union_cuda_archs() noexcept {
+  static char const marker[] = "SED_CUDA_ARCHS=" SED_CUDA_ARCHS;
+  return marker + sizeof("SED_CUDA_ARCHS=") - 1;
+}
 
 size_t topk_union_workspace_size(int64_t num_classes) noexcept {
   if (num_classes <= 0) return 256;

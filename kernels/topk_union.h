@@ -21,6 +21,9 @@ enum class TopkUnionDType : int32_t { kFloat32 = 0, kFloat16 = 1 };
 // Largest k served by the in-register selection; larger k (still < C) use a per-pixel radix search.
 constexpr int32_t kTopkUnionRegisterMaxK = 32;
 
+// The CUDA architectures this code was compiled for, as CMake listed them ("80,86,90").
+char const* topk_union_cuda_archs() noexcept;
+
 // Device workspace in bytes for `num_classes` classes (one 32-bit flag per class, 256-byte rounded).
 size_t topk_union_workspace_size(int64_t num_classes) noexcept;
 

@@ -11,6 +11,8 @@
 // Bumped when a signature below changes; callers refuse a library with another version.
 SED_C_API int sed_topk_union_abi_version() { return 1; }
 
+SED_C_API char const* sed_topk_union_cuda_archs() { return sed_kernels::topk_union_cuda_archs(); }
+
 SED_C_API size_t sed_topk_union_workspace_size(int64_t num_classes) {
   return sed_kernels::topk_union_workspace_size(num_classes);
 }

@@ -25,6 +25,7 @@ PLUGIN_NAMESPACE = "sed"  # node domain, attribute plugin_namespace and creator 
 PLUGIN_DOMAIN = PLUGIN_NAMESPACE
 PLUGIN_OPSET = 1
 DEFAULT_OPT_KEPT = 64  # TensorRT tuning value for the kept count (PERF notes: ~47-81 survivors at k = 8)
+DEFAULT_MAX_CLASSES = 1024  # the plugin's row bound (sizes its workspace); the builder passes the profile's max N
 
 # Node-name suffixes of one `onnx_cer.topk_union_graph` instance (name = f"{prefix}/{suffix}").
 _FINAL = "Compact"
@@ -32,8 +33,9 @@ _SCORES_READER = "Flatten"
 _K_READER = "ClampK"
 
 
-def plugin_node(scores: str, k: str, keep: str, count: str, name: str, opt_kept: int = DEFAULT_OPT_KEPT) -> NodeProto:
-    """One TopkUnion node with the attributes TensorRT's plugin fallback importer reads."""
+def plugin_node(scores: str, k: str, keep: str, count: str, name: str, opt_kept: int = DEFAULT_OPT_KEPT,
+                max_classes: int = DEFAULT_MAX_CLASSES) -> NodeProto:
+    """One TopkUnion node with the attributes TensorRT's plugin fallback importer reads (the plugin's fields)."""
     return helper.make_node(
         PLUGIN_NAME,
         [scores, k],
@@ -43,6 +45,7 @@ def plugin_node(scores: str, k: str, keep: str, count: str, name: str, opt_kept:
         plugin_version=PLUGIN_VERSION,
         plugin_namespace=PLUGIN_NAMESPACE,
         opt_kept=int(opt_kept),
+        max_classes=int(max_classes),
     )
 
 
@@ -50,7 +53,8 @@ def _cer_prefixes(graph: onnx.GraphProto) -> list[str]:
     return [n.name.rsplit("/", 1)[0] for n in graph.node if n.op_type == "Slice" and n.name.endswith(f"/{_FINAL}")]
 
 
-def replace_cer_with_plugin(model: onnx.ModelProto, opt_kept: int = DEFAULT_OPT_KEPT) -> onnx.ModelProto:
+def replace_cer_with_plugin(model: onnx.ModelProto, opt_kept: int = DEFAULT_OPT_KEPT,
+                            max_classes: int = DEFAULT_MAX_CLASSES) -> onnx.ModelProto:
     """A copy of `model` where every top-k-union subgraph is one TopkUnion plugin node; `model` is untouched.
 
     The subgraph is found from its final Slice (`<prefix>/Compact`, producing the kept indices) by walking
@@ -96,7 +100,8 @@ def replace_cer_with_plugin(model: onnx.ModelProto, opt_kept: int = DEFAULT_OPT_
                 raise ValueError(f"node {n.name!r} reads tensors inside subgraph {prefix!r}")
         if internal.intersection(o.name for o in g.output):
             raise ValueError(f"a graph output is inside subgraph {prefix!r}")
-        node = plugin_node(scores, k, keep, f"{prefix}/kept_count", f"{prefix}/{PLUGIN_NAME}", opt_kept)
+        node = plugin_node(scores, k, keep, f"{prefix}/kept_count", f"{prefix}/{PLUGIN_NAME}", opt_kept,
+                           max_classes)
         replacements[max(members)] = node  # where `keep` was produced: topological order is preserved
         removed |= members
     new_nodes = []

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from sed_runtime.backends.trt_backend import RUNTIME_MODULES
+from sed_runtime.backends.trt_plans import RUNTIME_MODULES
 from sed_runtime.bundle import sha256_file
 from sed_runtime.errors import SedUserError
 
@@ -93,7 +93,7 @@ def build_gpu() -> dict[str, Any] | None:
 
     cuda-python first (what the runtime uses), then torch (always present where bundles are exported).
     """
-    from sed_runtime.backends.trt_backend import current_gpu
+    from sed_runtime.backends.trt_env import current_gpu
 
     gpu = current_gpu()
     if gpu is not None:
@@ -214,6 +214,7 @@ class PlanInfo:
     seconds: float
     profiles: list[dict[str, Any]]
     warnings: list[str] = field(default_factory=list)
+    device_memory: int | None = None  # scratch bytes at the profile maximum (None: not known at build time)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -290,6 +291,8 @@ def build_engine(
         for r in prof.values:
             if r.name not in shape_inputs:  # e.g. k of the plugin-node decoder: read on the GPU, no range needed
                 continue
+            # k is an INT64 shape input: TensorRT 10's set_shape_input takes int32 or int64 shape tensors (the
+            # 10.13 API documents both); the runtime passes its value from pinned host memory
             p.set_shape_input(r.name, list(r.min), list(r.opt), list(r.max))
         if config.add_optimization_profile(p) < 0:
             raise SedUserError(f"{onnx_path.name}: TensorRT refused the optimisation profile {prof.to_json()}")
@@ -312,6 +315,7 @@ def build_engine(
         hint = "; try a larger --workspace or leave it unset" if "OutOfMemory" in reason or "memory" in reason else ""
         raise SedUserError(f"{trt.__name__} could not build {plan_path.name} from {onnx_path.name}: {reason}{hint}")
     _write_atomic(plan_path, plan)
+    device_memory = None if is_rtx(trt) else plan_device_memory(trt, plan)
     if use_cache:
         assert timing_cache_path is not None
         timing_cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -319,7 +323,20 @@ def build_engine(
     return PlanInfo(
         file=plan_path.name, onnx=onnx_path.name, sha256=sha256_file(plan_path), bytes=plan_path.stat().st_size,
         seconds=seconds, profiles=[p.to_json() for p in profiles], warnings=list(logger.warnings),
+        device_memory=device_memory,
     )
+
+
+def plan_device_memory(trt: ModuleType, plan: Any) -> int | None:
+    """Scratch memory a context of this plan reserves at the profile maximum with the default (static)
+    allocation; the runtime allocates for the shapes it runs instead, and reports both. Needs the plan to
+    deserialise, so only GPU builds know it (TensorRT-RTX plans deserialise only with a GPU)."""
+    try:
+        engine = trt.Runtime(make_logger(trt)).deserialize_cuda_engine(plan)
+        size = getattr(engine, "device_memory_size_v2", None)
+        return None if engine is None or size is None else int(size)
+    except Exception:
+        return None
 
 
 def build_encoder_engine(trt: ModuleType, bundle_dir: Path, **kw: Any) -> PlanInfo:
@@ -378,23 +395,26 @@ class EngineOptions:
 CER_MODES = ("auto", "standard-ops", "plugin", "split")
 
 
-def plugin_decoder(src: Path, dst: Path) -> None:
+def plugin_decoder(src: Path, dst: Path, max_classes: int) -> None:
     """Write the plugin-node decoder variant (CER subgraphs -> one custom node each) next to the standard one."""
-    try:
-        from .onnx_plugin import replace_cer_with_plugin
-    except ImportError as e:
-        raise SedUserError(
-            f"--plugin-lib needs sed_export.onnx_plugin.replace_cer_with_plugin, which this install lacks ({e})"
-        ) from None
     import onnx
 
+    from .onnx_plugin import replace_cer_with_plugin
+
     model = onnx.load(str(src))
-    out = replace_cer_with_plugin(model)
-    if out is None:  # a rewrite in place
-        out = model
+    out = replace_cer_with_plugin(model, max_classes=max_classes)
     tmp = dst.with_name(f".{dst.name}.tmp")
     onnx.save_model(out, str(tmp))
     tmp.replace(dst)
+
+
+def library_cuda_archs(lib: Path) -> str | None:
+    """The CUDA architectures a kernel or plugin library was compiled for, read from the marker string our
+    CMake build puts in it ("SED_CUDA_ARCHS=80,86,90"); None for a library without one (built elsewhere)."""
+    import re
+
+    found = re.search(rb"SED_CUDA_ARCHS=([0-9A-Za-z_,;-]+)\0", Path(lib).read_bytes())
+    return None if found is None or found.group(1) == b"unknown" else found.group(1).decode()
 
 
 def _copy_library(lib: Path, bundle_dir: Path) -> dict[str, Any]:
@@ -403,7 +423,7 @@ def _copy_library(lib: Path, bundle_dir: Path) -> dict[str, Any]:
     copied = bundle_dir / PLUGIN_DIR / lib.name
     shutil.copy2(lib, copied)
     return {"file": f"{PLUGIN_DIR}/{copied.name}", "sha256": sha256_file(copied), "bytes": copied.stat().st_size,
-            "source": str(lib)}
+            "source": str(lib), "cuda_archs": library_cuda_archs(copied)}
 
 
 def _build_split_decoder(
@@ -452,7 +472,7 @@ def build_plans(
         plugins.append(_copy_library(opts.plugin_lib, bundle_dir))
         libs.append(bundle_dir / plugins[-1]["file"])
         decoder_onnx = "decoder_plugin.onnx"
-        plugin_decoder(bundle_dir / "decoder.onnx", bundle_dir / decoder_onnx)
+        plugin_decoder(bundle_dir / "decoder.onnx", bundle_dir / decoder_onnx, classes.max)
     if cer == "split" and opts.kernel_lib is not None:
         from sed_runtime.kernel_lib import TopkUnionLibrary
 
@@ -489,4 +509,6 @@ def build_plans(
         "plugins": plugins,
         "kernel": kernel,
         "plans": {"encoder": enc.to_json(), **{role: p.to_json() for role, p in decoders.items()}},
+        "device_memory": {role: p.device_memory for role, p in {"encoder": enc, **decoders}.items()
+                          if p.device_memory is not None},
     }

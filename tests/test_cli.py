@@ -130,9 +130,25 @@ def test_topk_all_has_no_kept_and_refuses_overwrite(images, cache_env, tmp_path)
     assert forced.returncode == 0, forced.stderr
 
 
-def test_second_run_uses_the_text_cache(topk2_run, cache_env):
+def test_second_run_uses_the_text_cache(topk2_run, cache_env, images, tmp_path):
+    """A second run with the same model and vocabulary must not run the text tower: it is made to fail here."""
     files = list(Path(cache_env["SED_CACHE_DIR"]).rglob("*.safetensors"))
-    assert len(files) == 1  # one vocabulary, one model: computed once, reused by every later run
+    assert len(files) == 1  # one vocabulary, one model
+    stamp = files[0].stat().st_mtime_ns
+    code = (
+        "import sys, sed_export.text as t\n"
+        "def refuse(*a, **k): raise SystemExit('text tower ran: the cache was not used')\n"
+        "t.encode_vocabulary = refuse\n"
+        "from sed_runtime.cli import app\n"
+        f"sys.argv = ['sed-run', 'infer', {str(images / 'landscape.jpg')!r}, '--classes', {CLASSES!r}, '--topk', '2',"
+        f" '--out', {str(tmp_path / 'again')!r}, '--no-progress']\n"
+        "app()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, **cache_env})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "again" / "landscape.json").is_file()
+    assert files[0].stat().st_mtime_ns == stamp  # read, not rewritten
 
 
 def _bad_inputs(tmp: Path, images: Path) -> dict[str, list[str]]:

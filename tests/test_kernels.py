@@ -348,7 +348,7 @@ def test_plugin_variant_has_one_node_per_cer_point(decoder_graphs, precision):
     for i, n in enumerate(nodes):
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         assert n.domain == "sed" and n.op_type == "TopkUnion"
-        assert attrs == {"plugin_version": b"1", "plugin_namespace": b"sed", "opt_kept": 64}
+        assert attrs == {"plugin_version": b"1", "plugin_namespace": b"sed", "opt_kept": 64, "max_classes": 1024}
         assert list(n.input)[1] == "k" and list(n.output) == [f"keep{i}", f"cer{i}/kept_count"]
     assert any(o.domain == "sed" and o.version == 1 for o in plug.opset_import)
 
@@ -500,7 +500,19 @@ def test_kernel_c_library_exports_only_its_c_api(kernel_library):
         pytest.skip("nm not on PATH")
     out = subprocess.run([nm, "-D", "--defined-only", str(kernel_library)], capture_output=True, text=True).stdout
     exported = sorted(line.split()[-1] for line in out.splitlines() if " T " in line)
-    assert exported == ["sed_topk_union", "sed_topk_union_abi_version", "sed_topk_union_workspace_size"]
+    assert exported == ["sed_topk_union", "sed_topk_union_abi_version", "sed_topk_union_cuda_archs",
+                        "sed_topk_union_workspace_size"]
+
+
+def test_kernel_c_library_records_its_architectures(kernel_library):
+    """The bundle builder reads them from the file (no load), the runtime checks them against the GPU."""
+    from sed_export.trt_build import library_cuda_archs
+
+    arch = "90"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        arch = f"{major}{minor}"
+    assert library_cuda_archs(kernel_library) == arch
 
 
 def test_kernel_c_library_loads_and_checks_arguments_without_a_gpu(kernel_library, tmp_path):

@@ -22,7 +22,8 @@ need("onnx")
 
 from planted import planted_inputs  # noqa: E402
 
-from sed_runtime.backends.trt_backend import _Dev, _TrtSegments  # noqa: E402
+from sed_runtime.backends.trt_segments import DeviceTensor as _Dev  # noqa: E402
+from sed_runtime.backends.trt_segments import TrtSegments as _TrtSegments  # noqa: E402
 from sed_runtime.split_decoder import SEGMENTS, SPLIT_DIR, OrtSegments, run_split_decoder, segment_file  # noqa: E402
 from sed_runtime.topk_union_rule import topk_union_reference  # noqa: E402
 
@@ -79,6 +80,9 @@ class FakeTrt:
     class TensorIOMode:
         INPUT, OUTPUT = "input", "output"
 
+    class ExecutionContextAllocationStrategy:
+        STATIC, ON_PROFILE_CHANGE, USER_MANAGED = "static", "on-profile-change", "user-managed"
+
     @staticmethod
     def nptype(dtype: np.dtype) -> np.dtype:
         return dtype
@@ -108,13 +112,15 @@ class FakeEngine:
     def get_tensor_dtype(self, name: str) -> np.dtype:
         return {**self.inputs, **self.outputs}[name]
 
-    def create_execution_context(self) -> FakeContext:
-        return FakeContext(self)
+    def create_execution_context(self, strategy: str = "static") -> FakeContext:
+        return FakeContext(self, strategy)
 
 
 class FakeContext:
-    def __init__(self, engine: FakeEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: FakeEngine, strategy: str) -> None:
+        self.engine, self.strategy = engine, strategy
+        self.device_memory: tuple[int, int] | None = None  # (pointer, size) handed over by set_device_memory
+        self.needs: list[int] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
         self.results: dict[str, np.ndarray] | None = None
@@ -140,7 +146,19 @@ class FakeContext:
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
         return self.shapes[name] if name in self.engine.inputs else tuple(self._run()[name].shape)
 
+    def update_device_memory_size_for_shapes(self) -> int:
+        """Scratch that follows the shapes: here, as many bytes as the inputs hold."""
+        need = sum(int(np.prod(shape)) * self.engine.inputs[n].itemsize for n, shape in self.shapes.items())
+        self.needs.append(need)
+        return need
+
+    def set_device_memory(self, ptr: int, size: int) -> None:
+        self.device_memory = (int(ptr), int(size))
+
     def execute_async_v3(self, stream: int) -> bool:
+        assert self.strategy == "user-managed", "contexts must not reserve scratch for the profile maximum"
+        assert self.device_memory is not None and self.needs, "enqueue before the scratch block was bound"
+        assert self.device_memory[1] >= self.needs[-1], "scratch smaller than the current shapes need"
         for name, value in self._run().items():
             _write(self.addresses[name], value)
         self.results = None  # the next run reads its inputs again
@@ -211,6 +229,12 @@ def test_trt_split_executor_equals_the_reference_executor(split_folder, with_ker
     assert sizes[0] < sizes[-1] == n  # k = 1 really rejected classes, so the gathers were exercised
     if kernel is not None:
         assert kernel.launches == 9  # three CER points x three runs, none on the host
+    # one scratch block serves the four contexts, sized for the largest shapes run, not four profile maxima
+    # (a context bound before the block grew holds a freed pointer until its next bind; none holds a second block)
+    bound = {ctx.device_memory[0] for ctx in ex.contexts.values() if ctx.device_memory}
+    assert bound & set(cuda.blocks) == {ex.scratch.ptr}
+    largest = max(need for ctx in ex.contexts.values() for need in ctx.needs)
+    assert ex.scratch.peak == largest and largest <= ex.scratch.reserved <= 1.25 * largest
     ex.close()
     assert set(cuda.blocks) <= own  # close() freed every buffer the executor allocated
 
@@ -225,3 +249,24 @@ def test_trt_split_executor_refuses_a_wrong_dtype(split_folder):
     feeds = {name: _Dev(cuda.malloc(a.nbytes), a.shape, a.dtype) for name, a in feats.items()}
     with pytest.raises(RuntimeError, match="input text is float16, the plan expects float32"):
         ex.run(SEGMENTS[0], {**feeds, "text": _Dev(ptr, half.shape, half.dtype)})
+
+
+def test_buffers_never_hand_out_a_null_pointer():
+    """Review finding 6: a zero-size output (e.g. no kept class) got a null address, which TensorRT refuses."""
+    from sed_runtime.backends.cuda_memory import ContextMemory, DeviceBuffer
+
+    cuda = FakeCuda()
+    buf = DeviceBuffer(cuda)
+    assert buf.ensure(0) != 0 and buf.capacity == 1
+    scratch = ContextMemory(cuda, stream=0)
+
+    class NoScratch:
+        def update_device_memory_size_for_shapes(self) -> int:
+            return 0
+
+        def set_device_memory(self, ptr: int, size: int) -> None:
+            self.bound = (ptr, size)
+
+    ctx = NoScratch()
+    scratch.bind(ctx)
+    assert ctx.bound[0] != 0 and ctx.bound[1] >= 1

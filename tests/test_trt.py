@@ -14,6 +14,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 from needs import need
 
@@ -27,16 +28,18 @@ from sed_export.trt_profiles import (
     class_range,
     decoder_profile,
 )
-from sed_runtime.backends.trt_backend import (
+from sed_runtime.backends.cuda_memory import grow
+from sed_runtime.backends.trt_env import current_gpu
+from sed_runtime.backends.trt_plans import (
     EngineRecord,
     PlanRecord,
     TensorDesc,
+    arch_runs_on,
     check_compute_capability,
+    check_engines_here,
     check_files,
     check_version,
     choose_backend,
-    current_gpu,
-    grow,
     parse_engines,
     plan_buffers,
     tensor_nbytes,
@@ -235,7 +238,7 @@ def test_plan_files_missing_truncated_or_modified(tmp_path):
 
 
 def test_plan_already_hashed_by_bundle_verify_is_not_hashed_again(tmp_path, monkeypatch):
-    import sed_runtime.backends.trt_backend as tb
+    import sed_runtime.backends.trt_plans as tb
 
     (tmp_path / "a.plan").write_bytes(b"x" * 100)
     rec = PlanRecord("a.plan", sha256_file(tmp_path / "a.plan"), 100)
@@ -260,16 +263,109 @@ def test_buffer_planning():
     assert tensor_nbytes((2, 3), 4) == 24 and tensor_nbytes((0, 5), 4) == 1
     with pytest.raises(ValueError):
         tensor_nbytes((-1, 3), 4)
-    static, dynamic = plan_buffers([
+    plan = plan_buffers([
         TensorDesc("text", True, (20, 80, 64), 4),
         TensorDesc("k", True, (1,), 8, on_host=True),
         TensorDesc("scores", False, (20, 192, 192), 4),
         TensorDesc("kept0", False, (-1,), 8),
     ])
-    assert static == {"text": 20 * 80 * 64 * 4, "scores": 20 * 192 * 192 * 4} and dynamic == ["kept0"]
+    assert plan.inputs == {"text": 20 * 80 * 64 * 4} and plan.outputs == {"scores": 20 * 192 * 192 * 4}
+    assert plan.dynamic == ["kept0"]
     with pytest.raises(ValueError):
         plan_buffers([TensorDesc("text", True, (-1, 80, 64), 4)])
     assert grow(0, 10) == 10 and grow(10, 5) == 10 and grow(10, 11) == 20 and grow(10, 50) == 50
+    assert grow(100, 101, 1.25) == 125
+
+
+def test_plugin_decoder_k_on_the_device_is_never_rebound_as_an_output():
+    """Review finding 1: with `--cer plugin`, k is a device input the backend writes; the output-binding loop
+    took every static tensor, handed k a fresh unwritten buffer and the plugin read garbage."""
+    from sed_runtime.backends.trt_backend import decoder_output_buffers
+
+    plan = plan_buffers([
+        TensorDesc("dense", True, (1, 64, 24, 24), 4),
+        TensorDesc("text", True, (20, 80, 64), 4),
+        TensorDesc("k", True, (1,), 8),  # plugin decoder: a device tensor, not a shape input
+        TensorDesc("scores", False, (20, 192, 192), 4),
+        TensorDesc("kept0", False, (-1,), 8),
+    ])
+    assert decoder_output_buffers(plan) == {"scores": 20 * 192 * 192 * 4}
+
+
+def test_a_plugin_library_is_registered_once_per_process(tmp_path):
+    """Review finding 5: a second TrtBackend in one process reloaded the plugin library and failed."""
+    from sed_runtime.backends import trt_env
+
+    class Registry:
+        def __init__(self):
+            self.loads = []
+
+        def load_library(self, path):
+            if self.loads:  # TensorRT: creators already registered -> None
+                return None
+            self.loads.append(path)
+            return object()
+
+    trt = types.SimpleNamespace(__name__="fake_tensorrt_once")
+    reg = Registry()
+    lib = PlanRecord("plugins/libsed_topk_union_plugin.so", "a" * 64, 10)
+    trt_env.load_plugin_library(trt, reg, tmp_path / "b1" / lib.file, lib)
+    trt_env.load_plugin_library(trt, reg, tmp_path / "b2" / lib.file, lib)  # another bundle, same library
+    assert len(reg.loads) == 1
+    other = PlanRecord(lib.file, "b" * 64, 10)  # a different build of the same plugin: TensorRT refuses it
+    with pytest.raises(SedUserError, match="another build of it is loaded already from .*b1"):
+        trt_env.load_plugin_library(trt, reg, tmp_path / "b3" / lib.file, other)
+
+
+def test_auto_falls_back_to_ort_for_plans_of_another_tensorrt_or_gpu(tmp_path, monkeypatch):
+    """Review finding 5: `--backend auto` picked trt for plans it cannot run (README promised a fallback)."""
+    from sed_runtime.backends import trt_env
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"engines": engines_section()}))
+    monkeypatch.setattr(trt_env.Bundle, "open", staticmethod(
+        lambda root, verify=False: types.SimpleNamespace(manifest=json.loads((root / "manifest.json").read_text()))))
+    fake = types.SimpleNamespace(__name__="tensorrt", __version__="10.13.0.35", Runtime=object)
+    monkeypatch.setattr(trt_env, "runtime_module", lambda engine: fake)
+    monkeypatch.setattr(trt_env, "trt_available", lambda engine: True)
+    monkeypatch.setattr(trt_env, "current_gpu", lambda: {"name": "RTX A6000", "compute_capability": "8.6"})
+    assert trt_env.auto_backend(tmp_path) == ("trt", None)
+    monkeypatch.setattr(trt_env, "current_gpu", lambda: {"name": "H200", "compute_capability": "9.0"})
+    choice, why = trt_env.auto_backend(tmp_path)
+    assert choice == "ort" and "compute capability 8.6" in why and "H200" in why
+    fake.__version__ = "10.14.1"
+    monkeypatch.setattr(trt_env, "current_gpu", lambda: {"name": "RTX A6000", "compute_capability": "8.6"})
+    choice, why = trt_env.auto_backend(tmp_path)
+    assert choice == "ort" and "10.13.0.35" in why and "10.14.1" in why
+
+
+def test_text_fingerprint_sees_in_place_edits_and_shapes():
+    from sed_runtime.backends.trt_backend import text_fingerprint
+
+    a = np.random.default_rng(0).standard_normal((20, 80, 64)).astype(np.float32)
+    before = text_fingerprint(a)
+    assert text_fingerprint(a.copy()) == before
+    a[0, 0, 0] += 1.0  # the first element is always sampled
+    assert text_fingerprint(a) != before
+    assert text_fingerprint(a.reshape(80, 20, 64)) != text_fingerprint(a)
+
+
+def test_library_architectures():
+    assert arch_runs_on("80,86,90", "8.6") and arch_runs_on("80,86,90", "8.9") and arch_runs_on("80,86,90", "9.0")
+    assert arch_runs_on("80", "12.0")  # PTX of sm_80 JIT-compiles on newer GPUs
+    assert not arch_runs_on("80,86,90", "7.5")  # Turing: rebuild with 75
+    assert not arch_runs_on("86-real", "8.0") and not arch_runs_on("90-real", "10.0")
+    assert arch_runs_on("native", "7.5")  # unreadable: the load decides
+    seg = {"file": "x.plan", "sha256": "0" * 64, "bytes": 10}
+    plans = {"encoder": seg, **{s: seg for s in SEGMENTS}}
+    rec = record(cer="split", plans=plans, compute_capability="8.0",
+                 kernel={"file": "k.so", "sha256": "0", "bytes": 1, "cuda_archs": "86-real,90-real"})
+    assert rec.kernel is not None and rec.kernel.cuda_archs == "86-real,90-real"
+    a100 = {"name": "A100", "compute_capability": "8.0"}
+    with pytest.raises(SedUserError, match=r"kernel library k.so was compiled for CUDA architectures 86-real"):
+        check_engines_here(rec, "tensorrt", "10.13.0.35", a100)
+    ok = record(cer="split", plans=plans, compute_capability="8.0",
+                kernel={"file": "k.so", "sha256": "0", "bytes": 1, "cuda_archs": "80,86,90"})
+    check_engines_here(ok, "tensorrt", "10.13.0.35", a100)
 
 
 def test_import_trt_refuses_an_empty_namespace_package(monkeypatch):
@@ -486,11 +582,11 @@ def test_rtx_truncated_plan_is_refused_before_tensorrt(rtx_bundle, tmp_path):
     assert "decoder.plan" in line and "truncated" in line
 
 
-def _kernel_library(build: Path) -> Path | None:
-    """libsed_topk_union.so for one architecture, when cmake and nvcc are here (about 15 s)."""
+def _kernel_library(build: Path) -> Path:
+    """libsed_topk_union.so for one architecture (about 15 s); skips, saying why, without cmake and nvcc."""
     cmake = shutil.which("cmake")
     if cmake is None or shutil.which("nvcc") is None:
-        return None
+        pytest.skip("cmake or nvcc not on PATH: the split bundle with the kernel library cannot be built")
     env = {k: v for k, v in os.environ.items() if k != "TENSORRT_ROOT"}
     for cmd in ([cmake, "-S", str(ROOT / "kernels"), "-B", str(build), "-DTENSORRT_ROOT=/nonexistent",
                  "-DCMAKE_CUDA_ARCHITECTURES=86"], [cmake, "--build", str(build), "--target", "sed_topk_union"]):
@@ -501,14 +597,15 @@ def _kernel_library(build: Path) -> Path | None:
 
 @pytest.mark.tensorrt
 def test_rtx_builds_the_split_decoder_for_real(tmp_path, env):
-    """--cer split: TensorRT-RTX builds the four segment plans, with the kernel library recorded when built."""
+    """--cer split: TensorRT-RTX builds the four segment plans, with the kernel library and its architectures
+    recorded (the host-rule variant differs only in not copying the library)."""
     if rtx_missing:
         pytest.skip("tensorrt_rtx_bindings not installed (pip install 'sed-deploy[rtx]')")
     need("torch")
     lib = _kernel_library(tmp_path / "kernels")
     out = tmp_path / "split"
     cmd = ["sed-export", "build", "--classes", "sky; grass; person; dog; building", "--engine", "tensorrt-rtx",
-           "--cer", "split", "--out", str(out), "--no-progress", *(["--kernel-lib", str(lib)] if lib else [])]
+           "--cer", "split", "--out", str(out), "--no-progress", "--kernel-lib", str(lib)]
     r = run(*cmd, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     m = json.loads((out / "manifest.json").read_text())
@@ -522,14 +619,13 @@ def test_rtx_builds_the_split_decoder_for_real(tmp_path, env):
     assert eng["plans"]["decoder_pre"]["profiles"][0]["shapes"]["text"]["max"] == [1024, 80, 64]
     assert eng["plans"]["decoder2"]["profiles"][0]["shapes"]["keep"] == {"min": [1], "opt": [5], "max": [1024]}
     assert "decoder.plan" not in m["files"] and "decoder.onnx" in m["files"]  # the ORT twin stays
-    if lib is not None:
-        assert eng["kernel"]["file"] == "plugins/libsed_topk_union.so" and "the CUDA kernel" in r.stdout
-        assert m["files"][eng["kernel"]["file"]]["sha256"] == eng["kernel"]["sha256"]
-    else:
-        assert eng["kernel"] is None and "the host rule" in r.stdout
+    assert eng["kernel"]["file"] == "plugins/libsed_topk_union.so" and "the CUDA kernel" in r.stdout
+    assert m["files"][eng["kernel"]["file"]]["sha256"] == eng["kernel"]["sha256"]
+    assert eng["kernel"]["cuda_archs"] == "86"  # read from the library's marker, checked against the GPU at load
+    assert eng["device_memory"] == {}  # TensorRT-RTX plans deserialise only on a GPU: not known at build time
     rec = parse_engines(m)
-    assert rec.decoder_roles == SEGMENTS
-    check_files(out, [*rec.plans.values(), *([rec.kernel] if rec.kernel else [])], "plan")
+    assert rec.decoder_roles == SEGMENTS and rec.kernel is not None
+    check_files(out, [*rec.plans.values(), rec.kernel], "plan")
 
 
 @pytest.mark.tensorrt
@@ -644,7 +740,7 @@ def test_rtx_plugin_node_decoder_without_its_library_fails_in_one_line(rtx_bundl
     from sed_export.trt_build import build_engine, plugin_decoder
 
     dst = tmp_path / "decoder_plugin.onnx"
-    plugin_decoder(out / "decoder.onnx", dst)
+    plugin_decoder(out / "decoder.onnx", dst, 1024)
     assert len(plugin_nodes(onnx.load(str(dst)))) == 3
     prof = decoder_profile(["N", 80, 64], class_range(5))
     with pytest.raises(SedUserError, match="cannot parse decoder_plugin.onnx: .*Plugin not found.*TopkUnion"):

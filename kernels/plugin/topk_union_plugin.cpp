@@ -47,20 +47,25 @@ int64_t pixelsOf(Dims const& d) noexcept {
 
 // ------------------------------------------------------------------------------------------- plugin
 
-TopkUnionPlugin::TopkUnionPlugin(int32_t optKept) : mOptKept(std::max(optKept, 1)) { initFields(); }
+TopkUnionPlugin::TopkUnionPlugin(int32_t optKept, int32_t maxClasses)
+    : mOptKept(std::max(optKept, 1)), mMaxClasses(std::max(maxClasses, 1)) {
+  initFields();
+}
 
 TopkUnionPlugin::TopkUnionPlugin(TopkUnionPlugin const& other)
     : IPluginV3(),
       IPluginV3OneCore(),
       IPluginV3OneBuild(),
       IPluginV3OneRuntime(),
-      mOptKept(other.mOptKept) {
+      mOptKept(other.mOptKept),
+      mMaxClasses(other.mMaxClasses) {
   initFields();
 }
 
 void TopkUnionPlugin::initFields() {
   mFields.clear();
   mFields.emplace_back("opt_kept", &mOptKept, PluginFieldType::kINT32, 1);
+  mFields.emplace_back("max_classes", &mMaxClasses, PluginFieldType::kINT32, 1);
   mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
   mFieldCollection.fields = mFields.data();
 }
@@ -137,8 +142,9 @@ int32_t TopkUnionPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int3
 
 size_t TopkUnionPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
                                          DynamicPluginTensorDesc const*, int32_t) const noexcept {
+  (void)inputs;
   if (nbInputs != kNbInputs) return 0;
-  return sed_kernels::topk_union_workspace_size(inputs[kInScores].max.d[0]);
+  return sed_kernels::topk_union_workspace_size(mMaxClasses);  // the granted size; enqueue passes the same
 }
 
 int32_t TopkUnionPlugin::onShapeChange(PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const*,
@@ -152,13 +158,18 @@ int32_t TopkUnionPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensor
   Dims const& dims = inputDesc[kInScores].dims;
   int64_t const classes = dims.d[0];
   int64_t const pixels = pixelsOf(dims);
+  if (classes > mMaxClasses) {
+    logError("scores have " + std::to_string(classes) + " rows but the plugin was built for max_classes " +
+             std::to_string(mMaxClasses) + "; rebuild the bundle with a larger --max-classes");
+    return -1;
+  }
   sed_kernels::TopkUnionDType const dtype = inputDesc[kInScores].type == DataType::kHALF
                                                 ? sed_kernels::TopkUnionDType::kFloat16
                                                 : sed_kernels::TopkUnionDType::kFloat32;
   cudaError_t const err = sed_kernels::topk_union_launch(
       inputs[kInScores], dtype, classes, pixels, static_cast<int64_t const*>(inputs[kInK]), 0,
       static_cast<int64_t*>(outputs[kOutKept]), static_cast<int64_t*>(outputs[kOutCount]), workspace,
-      sed_kernels::topk_union_workspace_size(classes), stream);
+      sed_kernels::topk_union_workspace_size(mMaxClasses), stream);
   if (err != cudaSuccess) {
     logError(std::string("kernel launch failed: ") + cudaGetErrorString(err));
     return -1;
@@ -174,6 +185,7 @@ PluginFieldCollection const* TopkUnionPlugin::getFieldsToSerialize() noexcept { 
 
 TopkUnionPluginCreator::TopkUnionPluginCreator() {
   mFieldNames.emplace_back("opt_kept", nullptr, PluginFieldType::kINT32, 1);
+  mFieldNames.emplace_back("max_classes", nullptr, PluginFieldType::kINT32, 1);
   mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
   mFieldCollection.fields = mFieldNames.data();
 }
@@ -187,16 +199,21 @@ IPluginV3* TopkUnionPluginCreator::createPlugin(char const*, PluginFieldCollecti
                                                 TensorRTPhase) noexcept {
   try {
     int32_t optKept = kDefaultOptKept;
+    int32_t maxClasses = kDefaultMaxClasses;
     for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
       PluginField const& f = fc->fields[i];
-      if (f.name == nullptr || std::strcmp(f.name, "opt_kept") != 0) continue;  // unknown fields: ignored
+      if (f.name == nullptr) continue;
+      int32_t* target = std::strcmp(f.name, "opt_kept") == 0      ? &optKept
+                        : std::strcmp(f.name, "max_classes") == 0 ? &maxClasses
+                                                                  : nullptr;
+      if (target == nullptr) continue;  // unknown fields: ignored
       if (f.type != PluginFieldType::kINT32 || f.length != 1 || f.data == nullptr) {
-        logError("field opt_kept must be one int32");
+        logError(std::string("field ") + f.name + " must be one int32");
         return nullptr;
       }
-      optKept = *static_cast<int32_t const*>(f.data);
+      *target = *static_cast<int32_t const*>(f.data);
     }
-    return new TopkUnionPlugin(optKept);
+    return new TopkUnionPlugin(optKept, maxClasses);
   } catch (std::exception const& e) {
     logError(std::string("createPlugin failed: ") + e.what());
     return nullptr;
@@ -219,6 +236,9 @@ sed_plugins::TopkUnionPluginCreator& creatorInstance() {
 
 // IPluginRegistry::loadLibrary, `trtexec --dynamicPlugins`, `--setPluginsToSerialize`, and
 // tensorrt.get_plugin_registry().load_library() call these two.
+// The CUDA architectures of the kernel inside (also searchable in the file as "SED_CUDA_ARCHS=...").
+SED_PLUGIN_EXPORT char const* sed_topk_union_plugin_cuda_archs() { return sed_kernels::topk_union_cuda_archs(); }
+
 SED_PLUGIN_EXPORT void setLoggerFinder(ILoggerFinder* finder) { sed_plugins::gLoggerFinder.store(finder); }
 
 SED_PLUGIN_EXPORT IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {

@@ -6,7 +6,10 @@
 //   output 1  count   int64, 0-D size tensor holding K (declared with IExprBuilder::declareSizeTensor)
 //
 // Plugin fields (creator getFieldNames, serialised with the engine): opt_kept (int32, default 64), the
-// tuning value TensorRT uses for K; nothing that depends on k. The kernel lives in ../topk_union.cu.
+// tuning value TensorRT uses for K; max_classes (int32, default 1024), the most rows M the layer accepts. The
+// workspace is sized from max_classes, not from the profile: after the first CER point M depends on the
+// previous kept count, so the profile cannot bound it. enqueue refuses M > max_classes and hands the kernel the
+// size TensorRT granted, so the kernel's own size check stays meaningful. Nothing depends on k. The kernel lives in ../topk_union.cu.
 #pragma once
 
 #include <NvInferRuntime.h>
@@ -21,13 +24,14 @@ constexpr char const* kTopkUnionName = "TopkUnion";
 constexpr char const* kTopkUnionVersion = "1";
 constexpr char const* kTopkUnionNamespace = "sed";
 constexpr int32_t kDefaultOptKept = 64;
+constexpr int32_t kDefaultMaxClasses = 1024;
 
 class TopkUnionPlugin final : public nvinfer1::IPluginV3,
                               public nvinfer1::IPluginV3OneCore,
                               public nvinfer1::IPluginV3OneBuild,
                               public nvinfer1::IPluginV3OneRuntime {
  public:
-  explicit TopkUnionPlugin(int32_t optKept);
+  TopkUnionPlugin(int32_t optKept, int32_t maxClasses);
   TopkUnionPlugin(TopkUnionPlugin const& other);
   TopkUnionPlugin& operator=(TopkUnionPlugin const&) = delete;
 
@@ -67,6 +71,7 @@ class TopkUnionPlugin final : public nvinfer1::IPluginV3,
   void initFields();
 
   int32_t mOptKept;
+  int32_t mMaxClasses;
   std::vector<nvinfer1::PluginField> mFields;
   nvinfer1::PluginFieldCollection mFieldCollection{};
 };

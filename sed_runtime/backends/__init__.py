@@ -36,7 +36,7 @@ def make_backend(
     if backend == "auto":
         backend = "ort" if bundle is not None else "torch"
         if bundle is not None:
-            from .trt_backend import auto_backend
+            from .trt_env import auto_backend
 
             backend, why = auto_backend(bundle)
             if why:
