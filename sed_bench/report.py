@@ -110,6 +110,17 @@ def cost_model(results: dict[str, Any]) -> dict[str, Any]:
         if f:
             m["decoder_vs_n_and_kept"] = {"a_ms": f["coef"][0], "pre_ms_per_class": f["coef"][1],
                                           "post_ms_per_class": f["coef"][2], "r2": f["r2"], "n": f["n"]}
+        # Per CER point: decoder layer i runs on the classes kept at point i, and their cost per class differs
+        # about 16x between layers (the grid doubles each layer), so one mean kept count cannot predict a cell.
+        k0, k1, k2 = (np.array([_kept(c, i) for c in cells]) for i in range(3))
+        f = _fit(np.stack([np.ones_like(xs), ns, k0, k1, k2], 1), dec)
+        if f:
+            a, pre, c1, c2, c3 = f["coef"]
+            predicted = a + pre * ns + c1 * k0 + c2 * k1 + c3 * k2
+            m["decoder_per_cer_point"] = {
+                "a_ms": a, "pre_ms_per_class": pre, "layer_ms_per_kept_class": [c1, c2, c3], "r2": f["r2"],
+                "n": f["n"], "cells": [{"cell": f"{c['vocab']}/k={c['topk']}", "measured_ms": float(d),
+                                        "predicted_ms": float(p)} for c, d, p in zip(cells, dec, predicted)]}
         # Per stage: the classes each stage runs on.
         stage_x = {"cost_volume": lambda c: float(c["num_classes"]),
                    "cer0": lambda c: float(c["num_classes"]), "decoder1": lambda c: _kept(c, 0),
@@ -354,6 +365,13 @@ def cost_model_markdown(results: dict[str, Any]) -> list[str]:
             lines.append(f"* decoder ms = {d['a_ms']:.1f} + {d['pre_ms_per_class']:.3f} x N + "
                          f"{d['post_ms_per_class']:.2f} x kept  (R² = {_r2(d['r2'])}, {d['n']} cells); the paper's "
                          "A6000 back-fit is 26.0 + 0.099 N + 0.883 S for the whole image")
+        pp = m.get("decoder_per_cer_point")
+        if pp:
+            c1, c2, c3 = pp["layer_ms_per_kept_class"]
+            lines.append(f"* decoder ms = {pp['a_ms']:.1f} + {pp['pre_ms_per_class']:.3f} x N + {c1:.3f} x kept1 + "
+                         f"{c2:.3f} x kept2 + {c3:.3f} x kept3  (R² = {_r2(pp['r2'])}, {pp['n']} cells; keptI = "
+                         "classes alive through decoder layer I). Predicted vs measured decoder ms per cell: " +
+                         ", ".join(f"{x['cell']} {x['predicted_ms']:.0f}/{x['measured_ms']:.0f}" for x in pp["cells"]))
         ps = m.get("per_stage")
         if ps:
             lines.append("* per stage, ms per class it runs on (R²): " + ", ".join(

@@ -158,6 +158,85 @@ class Up(nn.Module):
         return self.conv(torch.cat([x, skip, corr_guidance], dim=1))
 
 
+def _class_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(pixels, classes, C) -> (pixels, heads, classes, C / heads), the layout of `ClassAttention`."""
+    p, n, c = t.shape
+    return t.reshape(p, n, num_heads, c // num_heads).transpose(1, 2)
+
+
+class ChunkedUp:
+    """One `Up` layer run over class chunks, equal to `Up.forward` on all classes (up to float summation order).
+
+    Only the class attention mixes classes, and only through two sums over the class axis per pixel and head:
+    sum_c phi(k_c)^T v_c / T and sum_c phi(k_c). So a stats pass over chunks accumulates those (fp32), and an
+    apply pass recomputes each chunk's ConvNeXt block and finishes the layer with the global sums. The working
+    set is one chunk's FAM/SFM tensors plus the two sums, whatever the class count.
+    The first DoubleConv convolution over cat([up, skip, guidance]) is a sum of three convolutions (it has no
+    bias), so the per-image skip part is computed once instead of once per class.
+    """
+
+    def __init__(self, layer: Up) -> None:
+        if layer.attention.pooling_size != (1, 1):
+            raise ValueError("the class-chunked decoder runs the eval layout (pooling 1x1) only")
+        self.layer = layer
+        att = layer.attention.attention
+        self.heads = att.num_heads
+        guidance = layer.conv.double_conv[0].in_channels - layer.cnext.dwconv.in_channels  # skip and cost guidance
+        self.split = (layer.up.out_channels, guidance)  # channels of [up, skip, cost guidance] in the concat
+
+    def _fam_input(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ConvNeXt block, then the attention's pre-norm: y (t, C, H, W), seq (pixels, t, C), norm1(seq)."""
+        y = self.layer.cnext(xc)
+        t, c, h, w = y.shape
+        seq = y.permute(2, 3, 0, 1).reshape(h * w, t, c)
+        return y, seq, self.layer.attention.norm1(seq)
+
+    def stats(self, x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class sums of the linear attention over all T rows of x: kv (pixels, h, d, d), ksum (pixels, h, 1, d)."""
+        att = self.layer.attention.attention
+        total = x.shape[0]
+        kv: torch.Tensor | None = None
+        ksum: torch.Tensor | None = None
+        for start in range(0, total, chunk):
+            _, _, normed = self._fam_input(x[start : start + chunk])
+            k = F.elu(_class_heads(att.k(normed), self.heads).float()) + 1.0
+            v = _class_heads(att.v(normed), self.heads).float() / total
+            part_kv = torch.matmul(k.transpose(-1, -2), v)
+            part_k = k.sum(dim=2, keepdim=True)
+            kv = part_kv if kv is None else kv + part_kv
+            ksum = part_k if ksum is None else ksum + part_k
+        assert kv is not None and ksum is not None
+        return kv, ksum
+
+    def apply(self, xc: torch.Tensor, skip_part: torch.Tensor, cg: torch.Tensor, kv: torch.Tensor,
+              ksum: torch.Tensor, total: int, eps: float = 1e-6) -> torch.Tensor:
+        """The rest of the layer for one chunk: attention with the global sums, MLP, double residual, 2x up,
+        then the DoubleConv with the skip's share of its first convolution precomputed (`skip_part`)."""
+        layer, attn_layer = self.layer, self.layer.attention
+        att = attn_layer.attention
+        y, seq, normed = self._fam_input(xc)
+        t, c, h, w = y.shape
+        q = F.elu(_class_heads(att.q(normed), self.heads).float()) + 1.0
+        z = 1.0 / (torch.matmul(q, ksum.transpose(-1, -2)) + eps)
+        a = (torch.matmul(q, kv) * z * total).to(seq.dtype)
+        seq = seq + a.transpose(1, 2).reshape(h * w, t, c)
+        seq = seq + attn_layer.MLP(attn_layer.norm2(seq))
+        out = y + seq.reshape(h, w, t, c).permute(2, 3, 0, 1)
+        up = layer.up(out)
+        first = layer.conv.double_conv[0]
+        c_up, c_skip = self.split
+        w_up, w_cg = first.weight[:, :c_up], first.weight[:, c_up + c_skip :]
+        pad = first.padding
+        x = F.conv2d(up, w_up, padding=pad) + skip_part + F.conv2d(cg, w_cg, padding=pad)
+        return layer.conv.double_conv[1:](x)
+
+    def skip_part(self, skip: torch.Tensor) -> torch.Tensor:
+        """The per-image skip's share of the first DoubleConv convolution (1, out, 2H, 2W): computed once."""
+        first = self.layer.conv.double_conv[0]
+        c_up, c_skip = self.split
+        return F.conv2d(skip, first.weight[:, c_up : c_up + c_skip], padding=first.padding)
+
+
 @dataclass
 class DecoderOutput:
     """scores: (N, 192, 192) sigmoid probabilities, 0 for rejected classes.
@@ -166,6 +245,7 @@ class DecoderOutput:
 
     scores: torch.Tensor
     kept: list[torch.Tensor] | None
+    rows: torch.Tensor | None = None  # kept_only: the class of each row of scores (sorted), else None
 
 
 class SedDecoder(nn.Module):
@@ -239,6 +319,7 @@ class SedDecoder(nn.Module):
         topk: int | None = None,
         timer: StageTimer = _no_timer,
         cer_select: CerSelect | None = None,
+        kept_only: bool = False,
     ) -> DecoderOutput:
         """dense: (1, E, 24, 24); text: (N, P, E); guidance: (res4, res3, res2). topk None = full mode.
 
@@ -277,7 +358,77 @@ class SedDecoder(nn.Module):
             probs = torch.sigmoid(self.head(x)[:, 0])
             if topk is None:
                 scores = probs
+            elif kept_only:  # the survivors' rows only: no N x h x w block of zeros
+                return DecoderOutput(scores=probs, kept=kept, rows=alive)
             else:
                 scores = probs.new_zeros((num_classes,) + probs.shape[1:])
                 scores[alive] = probs
         return DecoderOutput(scores=scores, kept=kept if topk is not None else None)
+
+    def forward_chunked(
+        self,
+        dense: torch.Tensor,
+        text: torch.Tensor,
+        guidance: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        topk: int | None = None,
+        chunk: int = 64,
+        timer: StageTimer = _no_timer,
+        kept_only: bool = False,
+    ) -> DecoderOutput:
+        """`forward` with a bounded working set: every per-class stage runs `chunk` classes at a time.
+
+        Held for all alive classes: the cost volume's projection input, each layer's input and the aux map (the
+        CER points need every class); the ConvNeXt/attention hiddens, the up-sampled maps, the concat and the
+        cost guidance at the larger grids exist for one chunk only, and the last layer writes sigmoid scores
+        chunk by chunk. Equal to `forward` up to float summation order (tested <= 1e-5 on the scores, same kept
+        sets) for any chunk >= 1.
+        """
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if topk is not None and topk < 1:
+            raise ValueError(f"topk must be >= 1 or None, got {topk}")
+        layers = [ChunkedUp(layer) for layer in (self.decoder1, self.decoder2, self.decoder3)]
+        aux_heads = (self.head0, self.head1, self.head2)
+        corr_proj = self.decoder_corr_guidance_projection
+        with timer("cost_volume"):
+            corr = self.cost_volume(dense, text)
+            num_classes = corr.shape[0]
+            x = torch.cat([self.conv1(corr[s : s + chunk]) for s in range(0, num_classes, chunk)])
+            skips = [proj(g) for proj, g in zip(self.decoder_guidance_projection, guidance)]
+        alive = torch.arange(num_classes, device=x.device)
+        kept: list[torch.Tensor] = []
+        cg = corr  # per-class input of the next cost-guidance projection, at the previous grid
+        scores_alive: torch.Tensor | None = None
+        for i, layer in enumerate(layers):
+            if topk is not None:
+                with timer(f"cer{i}"):
+                    aux = torch.cat([aux_heads[i](x[s : s + chunk])[:, 0] for s in range(0, x.shape[0], chunk)])
+                    keep = self.select_classes(aux, topk)
+                    if keep.numel() < x.shape[0]:
+                        x, cg, alive = x[keep], cg[keep], alive[keep]
+                    kept.append(alive)
+            with timer(f"decoder{i + 1}"):
+                total = x.shape[0]
+                kv, ksum = layer.stats(x, chunk)
+                skip_part = layer.skip_part(skips[i])
+                outs, cgs = [], []
+                for s in range(0, total, chunk):
+                    cg_chunk = corr_proj[i](cg[s : s + chunk])
+                    out = layer.apply(x[s : s + chunk], skip_part, cg_chunk, kv, ksum, total)
+                    if i == 2:  # the last layer writes scores: its 192 x 192 maps never exist for every class
+                        outs.append(torch.sigmoid(self.head(out)[:, 0]))
+                    else:
+                        outs.append(out)
+                        cgs.append(cg_chunk)
+                if i == 2:
+                    scores_alive = torch.cat(outs)
+                else:
+                    x, cg = torch.cat(outs), torch.cat(cgs)
+        assert scores_alive is not None
+        if topk is None:
+            return DecoderOutput(scores=scores_alive, kept=None)
+        if kept_only:
+            return DecoderOutput(scores=scores_alive, kept=kept, rows=alive)
+        scores = scores_alive.new_zeros((num_classes,) + scores_alive.shape[1:])
+        scores[alive] = scores_alive
+        return DecoderOutput(scores=scores, kept=kept)

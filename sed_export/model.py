@@ -34,11 +34,13 @@ class SedModel(nn.Module):
         return encode_image_dense(self.clip_model, image)
 
     def decode(
-        self, feats: ImageFeatures, text: torch.Tensor, topk: int | None = None, timer: StageTimer = _no_timer
+        self, feats: ImageFeatures, text: torch.Tensor, topk: int | None = None, timer: StageTimer = _no_timer,
+        kept_only: bool = False,
     ) -> DecoderOutput:
-        """text: (N, P, E) unit-norm template embeddings. topk None = full model, else CER with this k."""
+        """text: (N, P, E) unit-norm template embeddings. topk None = full model, else CER with this k;
+        kept_only: return only the surviving classes' score rows (`DecoderOutput.rows`)."""
         guidance = (feats.res4, feats.res3, feats.res2)
-        return self.transformer(feats.dense, text, guidance, topk=topk, timer=timer)
+        return self.transformer(feats.dense, text, guidance, topk=topk, timer=timer, kept_only=kept_only)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, topk: int | None = None) -> DecoderOutput:
         return self.decode(self.encode_image(image), text, topk)

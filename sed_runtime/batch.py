@@ -146,7 +146,7 @@ class Segmenter:
                     tensor = np.asarray(batch["tensor"][i], dtype=np.float32)
                     result = self.backend.infer(tensor, self.text, self.topk)
                     hw = (int(batch["height"][i]), int(batch["width"][i]))
-                    seg = segment(result.scores, hw)
+                    seg = segment(result.scores, hw, result.rows)
                     buf = io.BytesIO()
                     Image.fromarray(seg.astype(np.uint16)).save(buf, format="PNG")
                     _write_atomic(Path(batch["label"][i]), buf.getvalue())

@@ -154,13 +154,21 @@ def infer(
     random_weights = "random" in str(engine.describe().get("weights", ""))
     if random_weights:
         console.print("note: random weights (no checkpoint), so the masks are random", markup=False)
-    from .memory import GiB, available_bytes, check_fits, rss_mb
+    from .memory import GiB, available_bytes, check_fits, choose_class_chunk, rss_mb
 
     held = (rss_mb() or 0.0) * 2**20
     free = available_bytes()
     budget = max_gib * GiB - held if max_gib is not None else free
-    note = check_fits(engine.decoder_memory(), len(vocabulary), k, random_weights=random_weights,
-                      budget_bytes=budget)
+    memory = engine.decoder_memory()
+    note = None
+    chunk = choose_class_chunk(memory, len(vocabulary), budget) if hasattr(engine, "class_chunk") else None
+    if chunk is not None:  # one pass over every class would not fit: the decoder runs in class chunks instead
+        engine.class_chunk = chunk  # type: ignore[attr-defined]
+        note = (f"note: the decoder runs {chunk} classes at a time to stay within {budget / GiB:.1f} GiB "
+                f"(one pass over {len(vocabulary)} classes would need about "
+                f"{memory.peak_bytes(len(vocabulary)) / GiB:.1f} GiB)")  # type: ignore[union-attr]
+    else:
+        note = check_fits(memory, len(vocabulary), k, random_weights=random_weights, budget_bytes=budget)
     if note:
         console.print(note, markup=False, soft_wrap=True)
     from .pipeline import SedPipeline

@@ -19,16 +19,17 @@ from typing import Any
 
 from .errors import MemoryBudgetError
 
-__all__ = ["DecoderMemory", "available_bytes", "check_fits", "decoder_elements", "peak_rss_mb", "reset_peak_rss",
-           "rss_mb"]
+__all__ = ["DecoderMemory", "available_bytes", "check_fits", "choose_class_chunk", "decoder_elements", "held_elements",
+           "peak_rss_mb", "reset_peak_rss", "rss_mb"]
 
 # bytes per counted element, fitted on measured peaks (increment over the loaded process, every class kept):
 # torch 4.76 (sed-b grid, 25 cells; within 20% for cells above 1 GB). ONNX Runtime with its arena: 5.9 / 6.7 /
 # 8.1 in fresh processes (sed-tiny fp32, N = 100 / 300 / 450), about 10 in the sed-b grid, and the same run
-# (demo bundle, N = 300) peaked at 1.06 GB alone and 2.38 GB inside the test suite: the arena grows in
-# doubling chunks and its peak varies run to run, so the upper end is used. Without the arena 3.7 (N = 300)
+# (demo bundle, N = 300) peaked at 1.06 GB alone and 2.38 GB inside the test suite, and after a re-export
+# 1.43 GB alone and 2.94 GB inside a suite run beside two training processes: the arena grows in doubling
+# chunks and its peak varies run to run (with thread timing), so the upper end is used. Without the arena 3.7 (N = 300)
 # to 5.5 (sed-b, N = 847). A refusal should not let a run be killed, so the upper ends are used.
-BYTES_PER_ELEMENT = {"torch": 4.8, "ort": 10.5, "ort-low-memory": 5.5}
+BYTES_PER_ELEMENT = {"torch": 4.8, "ort": 12.5, "ort-low-memory": 5.5}
 GiB = 2**30
 
 
@@ -55,6 +56,24 @@ def decoder_elements(sed: Mapping[str, Any], num_templates: int) -> tuple[float,
     return float(pre), (layers[0], layers[1], layers[2])
 
 
+def held_elements(sed: Mapping[str, Any], num_templates: int) -> tuple[float, float, float]:
+    """Per-class float elements a class-chunked decoder holds for every alive class while running layer i: its
+    input (c at R^2), the cost guidance it projects from (P at the 1/32 grid, then g at R^2), and its output
+    (d at (2R)^2; the last layer's is one score map)."""
+    side = int(sed["input_size"]) // 32
+    dims = [int(sed["hidden_dims"]), *(int(d) for d in sed["decoder_dims"])]
+    guid = [num_templates, *(int(g) for g in sed["decoder_guidance_proj_dims"])]
+    held = []
+    for i in range(3):
+        grid = side * 2**i
+        out = 1 if i == 2 else dims[i + 1]
+        held.append(float(dims[i] * grid * grid + guid[i] * grid * grid + out * (2 * grid) ** 2))
+    return held[0], held[1], held[2]
+
+
+CHUNKED_BYTES_PER_ELEMENT = 4.8  # torch: plain fp32 tensors plus the allocator's slack, as for the one-pass fit
+
+
 @dataclass(frozen=True)
 class DecoderMemory:
     """Bytes the decoder adds to a process for given class counts, on one backend."""
@@ -62,12 +81,22 @@ class DecoderMemory:
     pre_cer_bytes_per_class: float
     layer_bytes_per_class: tuple[float, float, float]
     backend: str
+    held_bytes_per_class: tuple[float, float, float] = (0.0, 0.0, 0.0)  # class-chunked: held for every class
 
     @classmethod
     def from_settings(cls, sed: Mapping[str, Any], num_templates: int, backend: str) -> DecoderMemory:
         factor = BYTES_PER_ELEMENT[backend]
         pre, layers = decoder_elements(sed, num_templates)
-        return cls(pre * factor, (layers[0] * factor, layers[1] * factor, layers[2] * factor), backend)
+        held = tuple(h * CHUNKED_BYTES_PER_ELEMENT for h in held_elements(sed, num_templates))
+        return cls(pre * factor, (layers[0] * factor, layers[1] * factor, layers[2] * factor), backend,
+                   (held[0], held[1], held[2]))
+
+    def chunked_peak_bytes(self, num_classes: int, chunk: int, kept: Sequence[int] | None = None) -> float:
+        """Peak of the class-chunked decoder: what it holds for every alive class plus one chunk's working set."""
+        kept = [num_classes] * 3 if kept is None else [min(int(k), num_classes) for k in kept]
+        pre = self.pre_cer_bytes_per_class * num_classes
+        return pre + max(h * k + b * min(chunk, k)
+                         for h, b, k in zip(self.held_bytes_per_class, self.layer_bytes_per_class, kept))
 
     def peak_bytes(self, num_classes: int, kept: Sequence[int] | None = None) -> float:
         """Peak added by one image: N classes before CER, `kept[i]` through layer i (None: every class)."""
@@ -126,6 +155,24 @@ def available_bytes() -> int | None:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def choose_class_chunk(memory: DecoderMemory | None, num_classes: int, budget_bytes: float | None,
+                       kept: Sequence[int] | None = None) -> int | None:
+    """Classes per decoder step for a run that would not fit in one pass: the largest chunk whose predicted peak
+    fits the budget (None: one pass fits, or nothing is known, or not even one class at a time fits)."""
+    if memory is None or budget_bytes is None or memory.peak_bytes(num_classes, kept) <= budget_bytes:
+        return None
+    if memory.chunked_peak_bytes(num_classes, 1, kept) > budget_bytes:
+        return None
+    lo, hi = 1, num_classes
+    while lo < hi:  # the peak grows with the chunk: the largest chunk that fits
+        mid = (lo + hi + 1) // 2
+        if memory.chunked_peak_bytes(num_classes, mid, kept) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def check_fits(memory: DecoderMemory | None, num_classes: int, topk: int | None, *, random_weights: bool,

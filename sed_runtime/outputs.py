@@ -48,7 +48,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def npz_payload(result: Segmentation) -> dict[str, np.ndarray]:
     """scores (N x h x w float32), seg (H x W int32), kept0..2 (sorted int32; absent for topk=all)."""
-    payload = {"scores": result.scores.astype(np.float32), "seg": result.seg.astype(np.int32)}
+    payload = {"scores": result.full_scores().astype(np.float32), "seg": result.seg.astype(np.int32)}
     if result.kept is not None:
         for i, k in enumerate(result.kept):
             payload[f"kept{i}"] = np.asarray(k, dtype=np.int32)

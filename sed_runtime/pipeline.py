@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends.base import Backend, ImageFeatures
+from .backends.base import Backend, ImageFeatures, expand_rows
 from .postprocess import class_fractions, segment
 from .preprocess import load_image
 from .vocab import Vocabulary
@@ -21,11 +21,16 @@ class Segmentation:
 
     image_hw: tuple[int, int]
     seg: np.ndarray  # (H, W) int32 class indices
-    scores: np.ndarray  # (N, h, w) float32, 0 for rejected classes
+    scores: np.ndarray  # (N, h, w) float32, 0 for rejected classes; kept-only (K, h, w) when `rows` is set
     kept: list[np.ndarray] | None  # sorted int32 class indices after each CER point; None for topk=all
     class_names: tuple[str, ...]
     topk: int | None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    rows: np.ndarray | None = None  # kept-only scores: the class of each row
+
+    def full_scores(self) -> np.ndarray:
+        """(N, h, w) scores, 0 for rejected classes (what --save-npz writes)."""
+        return expand_rows(self.scores, self.rows, len(self.class_names))
 
     def classes_present(self) -> list[dict[str, Any]]:
         return [
@@ -124,14 +129,14 @@ class SedPipeline:
         t_start = time.perf_counter()
         result = self.backend.decode(encoded.features, text, k)
         t0 = time.perf_counter()
-        seg = segment(result.scores, encoded.orig_hw)
+        seg = segment(result.scores, encoded.orig_hw, result.rows)
         timings = {k_: v for k_, v in encoded.timings_ms.items() if k_ != "load"}
         timings.update(result.timings_ms)
         timings["postprocess"] = (time.perf_counter() - t0) * 1e3
         timings["text_embeddings_once"] = self.text_ms
         timings["total"] = sum(encoded.timings_ms.values()) + (time.perf_counter() - t_start) * 1e3
         return Segmentation(image_hw=encoded.orig_hw, seg=seg, scores=result.scores, kept=result.kept,
-                            class_names=vocab.classes, topk=k, timings_ms=timings)
+                            class_names=vocab.classes, topk=k, timings_ms=timings, rows=result.rows)
 
     def segment(self, image: np.ndarray | str | Path, vocabs: list[Vocabulary] | None = None,
                 topks: list[int | None] | None = None) -> list[Segmentation]:

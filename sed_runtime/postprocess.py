@@ -19,8 +19,12 @@ _SLACK = 1e-6  # relative margin for the candidate bound: covers float rounding 
 _NEAR_TIE = 2e-6  # relative gap under which plain float32 and torch's FMA rounding may disagree on the winner
 
 
-def segment(scores: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+def segment(scores: np.ndarray, out_hw: tuple[int, int], rows: np.ndarray | None = None) -> np.ndarray:
     """(N, h, w) float32 scores -> (H, W) int32 = argmax over classes of torch's bilinear upsampling to out_hw.
+
+    `rows`: the scores are kept-only, row i holding class rows[i] (sorted). The argmax over them, mapped back,
+    equals the argmax over the full N x h x w block: rejected classes are 0 there and sigmoid scores are > 0, and
+    sorted rows keep the lower-index-first tie order.
 
     Never builds N x H x W. Three exact facts make that possible:
     (a) a class whose map is all zero (CER rejected it) interpolates to 0 everywhere, so it can only win where
@@ -32,6 +36,8 @@ def segment(scores: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
         win there.
     Only exact float ties (two classes interpolating to the same float32) can differ from torch's answer.
     """
+    if rows is not None:
+        return np.asarray(rows, np.int32)[segment(scores, out_hw)]
     s = np.asarray(scores, dtype=np.float32)
     if s.ndim != 3 or s.shape[0] < 1 or s.shape[1] < 1 or s.shape[2] < 1:
         raise ValueError(f"expected (N, h, w) scores with N, h, w >= 1, got shape {s.shape}")

@@ -277,3 +277,24 @@ def test_cost_model_recovers_planted_linear_costs() -> None:
     share = model["cer_share"]["cells"][0]
     assert share["cer_ms"] == pytest.approx(0.01 * 20 + 0.05 * 5)
     assert model["total_vs_kept"]["n"] == 6
+
+
+def test_cost_model_per_cer_point_separates_the_layers() -> None:
+    """Kept counts that shrink from point to point: one mean kept count mispredicts, the per-point fit does not."""
+    from sed_bench.report import cost_model
+
+    cells = []
+    for n, kept in [(20, (9, 7, 5)), (59, (20, 12, 9)), (150, (40, 20, 12)), (150, (90, 60, 40)),
+                    (459, (80, 50, 30)), (847, (120, 100, 81)), (847, (847, 847, 847))]:
+        dec = 5.0 + 0.5 * n + 1.0 * kept[0] + 4.0 * kept[1] + 16.0 * kept[2]
+        cells.append({
+            "backend": "torch", "status": "ok", "vocab": f"v{n}", "num_classes": n, "topk": 8,
+            "ms": {"decoder": {"median": dec}, "total": {"median": 100.0 + dec}},
+            "kept": {f"cer{i}": {"median": kept[i]} for i in range(3)},
+        })
+    model = cost_model({"backends": ["torch"], "cells": cells})["torch"]
+    per_point = model["decoder_per_cer_point"]
+    assert per_point["layer_ms_per_kept_class"] == pytest.approx([1.0, 4.0, 16.0], abs=1e-6)
+    assert per_point["pre_ms_per_class"] == pytest.approx(0.5, abs=1e-6)
+    assert all(c["predicted_ms"] == pytest.approx(c["measured_ms"], rel=1e-6) for c in per_point["cells"])
+    assert model["decoder_vs_n_and_kept"]["r2"] < 1.0  # the mean-kept model cannot fit these cells exactly

@@ -48,7 +48,8 @@ def test_fp32_bundle_matches_the_torch_reference(fp32_bundle: Path) -> None:
         image = ov.input_spec.preprocess(scene.image).tensor
         for k in (1, 8, None):
             a, b = ov.infer(image, text, k), ref.infer(image, text, k)
-            assert float(np.abs(a.scores - b.scores).max()) <= 1e-3
+            n = len(text)  # the torch backend hands over the survivors' rows only: compare N x h x w forms
+            assert float(np.abs(a.full_scores(n) - b.full_scores(n)).max()) <= 1e-3
             if k is not None:
                 assert [x.tolist() for x in a.kept] == [x.tolist() for x in b.kept]  # type: ignore[union-attr]
             else:

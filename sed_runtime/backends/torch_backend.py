@@ -67,6 +67,9 @@ class TorchBackend(Backend):
         # time stages with CUDA events instead of synchronize + wall clock.
         self.cer_select: Any = None
         self.cuda_events = False
+        # Class-chunked decoding (`SedDecoder.forward_chunked`): None runs every class at once; an int bounds the
+        # decoder's working set to that many classes per step (same results). Chosen by --max-memory, or set.
+        self.class_chunk: int | None = None
         self._events: list[tuple[str, Any, Any]] = []
         self.cer = self._choose_cer(cer_kernel)
 
@@ -163,15 +166,20 @@ class TorchBackend(Backend):
             txt = torch.from_numpy(np.ascontiguousarray(text, dtype=np.float32)).to(self.device)
             with self._timed(timings, "decoder"):
                 timer = lambda s: self._timed(timings, s)  # noqa: E731
-                if self.cer_select is None:
-                    out = self.model.decode(feats, txt, topk=topk, timer=timer)
+                if self.cer_select is None and self.class_chunk is not None:
+                    out = self.model.transformer.forward_chunked(
+                        feats.dense, txt, (feats.res4, feats.res3, feats.res2), topk=topk, chunk=self.class_chunk,
+                        timer=timer, kept_only=True)
+                elif self.cer_select is None:
+                    out = self.model.decode(feats, txt, topk=topk, timer=timer, kept_only=True)
                 else:
                     out = self.model.transformer(feats.dense, txt, (feats.res4, feats.res3, feats.res2), topk=topk,
                                                  timer=timer, cer_select=self.cer_select)
             scores = out.scores.float().cpu().numpy()
         self._flush_events(timings)
         kept = None if out.kept is None else [k.cpu().numpy().astype(np.int32) for k in out.kept]
-        return BackendResult(scores=scores, kept=kept, timings_ms=timings)
+        rows = None if out.rows is None else out.rows.cpu().numpy().astype(np.int32)
+        return BackendResult(scores=scores, kept=kept, timings_ms=timings, rows=rows)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -183,4 +191,6 @@ class TorchBackend(Backend):
             "weights": weights_label(self.weights_source, getattr(self, "weights_name", None)),
             "torch": self._torch.__version__,
             "cer": self.cer,
+            "decoder": "one pass over all classes" if self.class_chunk is None else
+            f"class-chunked, {self.class_chunk} classes per step",
         }
