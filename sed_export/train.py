@@ -63,7 +63,7 @@ class TrainSettings:
     visual_lr: float = 2e-3  # peak lr of that pretraining
     backbone_lr_scale: float = 0.1  # the visual tower's lr multiplier in the SED recipe (official: 0.01 on CLIP)
     ce_weight: float = 1.0  # softmax cross-entropy on the final logits beside the four BCE terms (see sed_loss)
-    ce_balanced: bool = True  # that cross-entropy balanced between thing and stuff pixels (see sed_loss)
+    ce_balanced: bool = False  # that cross-entropy balanced between thing and stuff pixels (see sed_loss)
 
 
 def trainable_parameters(model: SedModel) -> list[torch.nn.Parameter]:
