@@ -5,7 +5,9 @@ image and one Parquet table of summaries. Ray schedules and retries; nothing her
   vocabulary's text embeddings computed once per actor.
 - Actors write each image's label map (uint16 PNG, atomically) and return only a small summary row, never
   N x H x W scores.
-- Resumable: an image whose label PNG exists is skipped; a bad image becomes an error row, never a crashed job.
+- Resumable: an image whose label PNG exists and whose summary row was written is skipped; a bad image becomes
+  an error row, never a crashed job. A run that dies (an actor killed, Ctrl-C) still writes the rows it got, and
+  an image whose label an actor wrote but whose row never reached the table is redone by the rerun.
 - Without an address, a local Ray runs on 127.0.0.1 only (no dashboard) and is stopped at the end. Ray
   replaces localhost by the machine's reachable address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set
   before it starts (checked with Ray 2.60), so that is set first.
@@ -209,7 +211,8 @@ def run(input: str, output: Path, bundle: Path, *, vocab: Any = None, topk: int 
         raise OutputError(f"output {output} is not writable ({e.strerror}); choose another location") from None
     root = input.rstrip("/")
     todo = [(img, labels_path(output, img, root)) for img in images]
-    pending = [(img, lab) for img, lab in todo if not lab.exists()]
+    summarized = _summarized_images(output / SUMMARY)
+    pending = [(img, lab) for img, lab in todo if not (lab.exists() and img in summarized)]
     skipped = len(todo) - len(pending)
 
     import ray
@@ -254,10 +257,21 @@ def run(input: str, output: Path, bundle: Path, *, vocab: Any = None, topk: int 
     finally:
         if own:
             ray.shutdown()
+        if rows:  # also when the run failed: what finished is kept, and a rerun only redoes the rest
+            _write_summary(output / SUMMARY, rows)
     seconds = time.perf_counter() - t0
-    _write_summary(output / SUMMARY, rows)
     errors = sum(1 for r in rows if r["error"])
     return BatchSummary(len(images), len(rows) - errors, skipped, errors, seconds, output)
+
+
+def _summarized_images(path: Path) -> set[str]:
+    """Images that have a row in the summary table, error rows excepted (those are retried)."""
+    if not path.exists():
+        return set()
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["image", "error"]).to_pylist()
+    return {r["image"] for r in table if not r["error"]}
 
 
 def _write_summary(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -105,6 +105,16 @@ def test_batch_equals_the_pipeline_resumes_and_reports_bad_images(ray_local, tmp
     assert len(pq.read_table(out / batch.SUMMARY).to_pylist()) == 4
     assert (out / "labels" / "scene1.png").exists()
 
+    # Killed after an actor wrote scene2's label but before its row reached the table: the rerun redoes it.
+    import pyarrow as pa
+
+    kept_rows = [r for r in pq.read_table(out / batch.SUMMARY).to_pylist() if not r["image"].endswith("scene2.png")]
+    pq.write_table(pa.Table.from_pylist(kept_rows), out / batch.SUMMARY)
+    third = batch.run(str(tmp_path / "in"), out, DEMO_BUNDLE, topk=8, progress=False)
+    assert (third.done, third.skipped, third.errors) == (1, 2, 1)
+    assert sorted(r["image"].rsplit("/", 1)[-1] for r in pq.read_table(out / batch.SUMMARY).to_pylist()) == [
+        "broken.jpg", "scene0.png", "scene1.png", "scene2.png"]
+
 
 def test_actors_holding_every_cpu_still_get_decoded_images(ray_local, tmp_path: Path) -> None:
     """With --cpus-per-actor 2 on this 2-CPU Ray the actor holds every CPU; decode tasks that waited for a CPU
