@@ -53,7 +53,7 @@ def infer(
         str,
         typer.Option(
             help="auto (trt for a bundle with TensorRT plans on a GPU with TensorRT, ort for other bundles, torch "
-            "otherwise), ort, openvino (CPU; pip install sed-deploy[openvino]), trt or torch."
+            "otherwise), ort, openvino (CPU; pip install 'sed-deploy\\[openvino]'), trt or torch."
         ),
     ] = "auto",
     device: Annotated[str, typer.Option(help="Torch device for --backend torch (cpu, cuda).")] = "cpu",
