@@ -248,6 +248,19 @@ class DecoderOutput:
     rows: torch.Tensor | None = None  # kept_only: the class of each row of scores (sorted), else None
 
 
+def _decoder_output(probs: torch.Tensor, alive: torch.Tensor, kept: list[torch.Tensor] | None, num_classes: int,
+                    kept_only: bool) -> DecoderOutput:
+    """The survivors' (T, h, w) probabilities as the decoder hands them over: all N rows in full mode (kept None),
+    else kept-only rows, or scattered into an N x h x w block with 0 for rejected classes."""
+    if kept is None:
+        return DecoderOutput(scores=probs, kept=None)
+    if kept_only:  # the survivors' rows only: no N x h x w block of zeros
+        return DecoderOutput(scores=probs, kept=kept, rows=alive)
+    scores = probs.new_zeros((num_classes,) + probs.shape[1:])
+    scores[alive] = probs
+    return DecoderOutput(scores=scores, kept=kept)
+
+
 class SedDecoder(nn.Module):
     """The official `Aggregator` for inference: cost volume -> conv1 -> three Up layers -> head."""
 
@@ -356,14 +369,7 @@ class SedDecoder(nn.Module):
                 x = layers[i](x, skips[i], cg)
         with timer("head"):
             probs = torch.sigmoid(self.head(x)[:, 0])
-            if topk is None:
-                scores = probs
-            elif kept_only:  # the survivors' rows only: no N x h x w block of zeros
-                return DecoderOutput(scores=probs, kept=kept, rows=alive)
-            else:
-                scores = probs.new_zeros((num_classes,) + probs.shape[1:])
-                scores[alive] = probs
-        return DecoderOutput(scores=scores, kept=kept if topk is not None else None)
+            return _decoder_output(probs, alive, kept if topk is not None else None, num_classes, kept_only)
 
     def forward_chunked(
         self,
@@ -425,10 +431,4 @@ class SedDecoder(nn.Module):
                 else:
                     x, cg = torch.cat(outs), torch.cat(cgs)
         assert scores_alive is not None
-        if topk is None:
-            return DecoderOutput(scores=scores_alive, kept=None)
-        if kept_only:
-            return DecoderOutput(scores=scores_alive, kept=kept, rows=alive)
-        scores = scores_alive.new_zeros((num_classes,) + scores_alive.shape[1:])
-        scores[alive] = scores_alive
-        return DecoderOutput(scores=scores, kept=kept)
+        return _decoder_output(scores_alive, alive, kept if topk is not None else None, num_classes, kept_only)

@@ -167,20 +167,20 @@ def compare_bundle(
     ref.cer_select = None  # type: ignore[attr-defined]
     b = ort_backend.infer(pre.tensor, text, k)
     n = len(vocabulary)
-    a.scores, a.rows = a.full_scores(n), None  # compare the documented (N, h, w) layout
-    b.scores, b.rows = b.full_scores(n), None
-    seg_a, seg_b = segment(a.scores, pre.orig_hw), segment(b.scores, pre.orig_hw)
+    scores_a, scores_b = a.full_scores(n), b.full_scores(n)  # compare the documented (N, h, w) layout
+    seg_a, seg_b = segment(scores_a, pre.orig_hw), segment(scores_b, pre.orig_hw)
     precision = str(bundle.manifest["precision"])
     kept = None
     if a.kept is not None and b.kept is not None and k is not None:
-        kept = compare_kept(a.kept, b.kept, aux, len(vocabulary), k, TIE_TOLERANCE.get(precision, 0.05))
+        kept = compare_kept(a.kept, b.kept, aux, n, k, TIE_TOLERANCE.get(precision, 0.05))
+    max_abs_diff = float(np.abs(scores_a - scores_b).max())
     return ParityReport(
         precision=precision,
-        max_abs_diff=float(np.abs(a.scores - b.scores).max()),
+        max_abs_diff=max_abs_diff,
         seg_agreement=float((seg_a == seg_b).mean()),
         kept=kept,
         text_max_abs_diff=float(np.abs(text - text_ort).max()),
-        near_ties=near_tie_fraction(a.scores, float(np.abs(a.scores - b.scores).max())),
+        near_ties=near_tie_fraction(scores_a, max_abs_diff),
     )
 
 

@@ -71,7 +71,7 @@ def held_elements(sed: Mapping[str, Any], num_templates: int) -> tuple[float, fl
     return held[0], held[1], held[2]
 
 
-CHUNKED_BYTES_PER_ELEMENT = 4.8  # torch: plain fp32 tensors plus the allocator's slack, as for the one-pass fit
+CHUNKED_BYTES_PER_ELEMENT = BYTES_PER_ELEMENT["torch"]  # the chunked decoder is torch's: the same fp32 tensors
 
 
 @dataclass(frozen=True)
@@ -93,16 +93,20 @@ class DecoderMemory:
 
     def chunked_peak_bytes(self, num_classes: int, chunk: int, kept: Sequence[int] | None = None) -> float:
         """Peak of the class-chunked decoder: what it holds for every alive class plus one chunk's working set."""
-        kept = [num_classes] * 3 if kept is None else [min(int(k), num_classes) for k in kept]
-        pre = self.pre_cer_bytes_per_class * num_classes
-        return pre + max(h * k + b * min(chunk, k)
-                         for h, b, k in zip(self.held_bytes_per_class, self.layer_bytes_per_class, kept))
+        counts = _kept_counts(num_classes, kept)
+        return self.pre_cer_bytes_per_class * num_classes + max(
+            h * k + b * min(chunk, k) for h, b, k in zip(self.held_bytes_per_class, self.layer_bytes_per_class, counts))
 
     def peak_bytes(self, num_classes: int, kept: Sequence[int] | None = None) -> float:
         """Peak added by one image: N classes before CER, `kept[i]` through layer i (None: every class)."""
-        kept = [num_classes] * 3 if kept is None else [min(int(k), num_classes) for k in kept]
-        pre = self.pre_cer_bytes_per_class * num_classes
-        return pre + max(b * k for b, k in zip(self.layer_bytes_per_class, kept))
+        counts = _kept_counts(num_classes, kept)
+        return self.pre_cer_bytes_per_class * num_classes + max(
+            b * k for b, k in zip(self.layer_bytes_per_class, counts))
+
+
+def _kept_counts(num_classes: int, kept: Sequence[int] | None) -> list[int]:
+    """Classes alive through each decoder layer: `kept` capped at N (None: every class)."""
+    return [num_classes] * 3 if kept is None else [min(int(k), num_classes) for k in kept]
 
 
 def _read(path: str) -> str:

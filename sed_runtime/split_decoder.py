@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .backends.base import expand_rows
 from .topk_union_rule import topk_union_reference
 
 PRE = "decoder_pre"
@@ -88,9 +89,7 @@ def run_split_decoder(
         if segment != LAYERS[-1]:
             x, cg, aux = out["x_out"], out["g_out"], out["aux_out"]
     probs = ex.to_host(out["probs"]).astype(np.float32, copy=False)
-    scores = np.zeros((num_classes, *probs.shape[1:]), np.float32)
-    scores[alive] = probs
-    return scores, kept
+    return expand_rows(probs, alive, num_classes), kept
 
 
 class OrtSegments:

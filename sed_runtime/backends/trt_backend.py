@@ -27,8 +27,8 @@ from .trt_plans import (
     REBUILD,
     BufferPlan,
     TensorDesc,
-    check_engines_here,
     check_files,
+    check_gpu_fits,
     check_version,
     parse_engines,
     plan_buffers,
@@ -69,15 +69,15 @@ class TrtBackend(Backend):
         if self.record.kernel is not None:
             check_files(root, [self.record.kernel], "kernel library", hashed)
         trt = runtime_module(self.record.engine)
-        installed = str(getattr(trt, "__version__", "?"))
-        check_version(self.record, trt.__name__, installed)  # plans from another release: wrong here on any machine
+        # Plans from another TensorRT release are wrong here on any machine: said before the GPU is looked for.
+        check_version(self.record, trt.__name__, str(getattr(trt, "__version__", "?")))
         gpu = current_gpu()
         if gpu is None:
             raise SedUserError(
                 "--backend trt needs an NVIDIA GPU through cuda-python (pip install 'sed-deploy[trt]'); none is "
                 "visible here; run with --backend ort"
             )
-        check_engines_here(self.record, trt.__name__, installed, gpu)
+        check_gpu_fits(self.record, gpu)
         self.gpu = gpu
         self._trt = trt
         self._cuda = Cuda()

@@ -182,6 +182,11 @@ def check_library_archs(record: PlanRecord, what: str, current: str, gpu_name: s
 def check_engines_here(record: EngineRecord, module_name: str, installed: str, gpu: Mapping[str, str]) -> None:
     """Everything about the plans that depends on this machine: TensorRT release, GPU, library architectures."""
     check_version(record, module_name, installed)
+    check_gpu_fits(record, gpu)
+
+
+def check_gpu_fits(record: EngineRecord, gpu: Mapping[str, str]) -> None:
+    """The plans' compute capability and the libraries' CUDA architectures against this GPU."""
     check_compute_capability(record, gpu["compute_capability"], gpu["name"])
     for lib in record.plugins:
         check_library_archs(lib, "plugin library", gpu["compute_capability"], gpu["name"])
