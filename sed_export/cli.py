@@ -290,7 +290,8 @@ def triton(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder (from `sed-export build`).")],
     out: Annotated[Path, typer.Option(help="New model repository folder.")],
     platform: Annotated[str, typer.Option(
-        help="onnxruntime (the bundle's ONNX files) or tensorrt (its plans; the text encoder stays ONNX).")] = (
+        help="onnxruntime (the bundle's ONNX files), tensorrt (its plans; the text encoder stays ONNX) or python "
+             "(the ONNX files run by ONNX Runtime inside Python-backend models).")] = (
         "onnxruntime"),
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
 ) -> None:

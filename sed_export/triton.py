@@ -3,8 +3,10 @@ and an ensemble (image + text embeddings -> scores and kept classes), all in Tri
 
 Shapes and types come from the bundle's graphs, so every `config.pbtxt` states what its model file really
 takes. Batch size 1 as in SED's inference path (`max_batch_size: 0`, full shapes): the decoder's class axis N
-is the variable one (-1), and `k` keeps its ONNX shape [1]. Every config is checked against Triton's own
-ModelConfig protobuf (tritonclient ships it) and against the graph before the repository is written.
+is the variable one (-1), and `k` keeps its ONNX shape [1]. Platform `python` serves the same ONNX files from
+Python-backend models (ONNX Runtime inside; for servers built with only that backend). Every config is checked
+against Triton's own ModelConfig protobuf (tritonclient ships it) and against the graph before the repository is
+written.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from sed_runtime.errors import BundleError, OutputError, SedUserError
 
 __all__ = ["PLATFORMS", "model_configs", "write_triton_repository", "validate_config"]
 
-PLATFORMS = ("onnxruntime", "tensorrt")
+PLATFORMS = ("onnxruntime", "tensorrt", "python")
+PYTHON_MODEL = Path(__file__).with_name("triton_python") / "model.py"  # runs model.onnx with ONNX Runtime
 TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 NAMES = {"encoder": "sed_encoder", "decoder": "sed_decoder", "text_encoder": "sed_text_encoder"}
 ENSEMBLE = "sed"
@@ -37,8 +40,10 @@ def _tensors(kind: str, records: list[dict[str, Any]]) -> str:
 
 
 def _model_config(name: str, platform: str, graph: dict[str, Any]) -> str:
-    kind = "KIND_CPU" if platform == "onnxruntime_onnx" else "KIND_GPU"
-    return (f'name: "{name}"\nplatform: "{platform}"\nmax_batch_size: 0\n'
+    """`platform` is Triton's (onnxruntime_onnx, tensorrt_plan) or "python" for our Python-backend model."""
+    kind = "KIND_GPU" if platform == "tensorrt_plan" else "KIND_CPU"
+    runs_on = 'backend: "python"' if platform == "python" else f'platform: "{platform}"'
+    return (f'name: "{name}"\n{runs_on}\nmax_batch_size: 0\n'
             + _tensors("input", graph["inputs"]) + _tensors("output", graph["outputs"])
             + f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]\n")
 
@@ -77,7 +82,8 @@ def model_configs(bundle: Bundle, platform: str = "onnxruntime") -> dict[str, st
     configs = {}
     for role, name in NAMES.items():
         trt = platform == "tensorrt" and role != "text_encoder"  # the text encoder has no plan: always ONNX
-        configs[name] = _model_config(name, "tensorrt_plan" if trt else "onnxruntime_onnx", graphs[role])
+        kind = "python" if platform == "python" else "tensorrt_plan" if trt else "onnxruntime_onnx"
+        configs[name] = _model_config(name, kind, graphs[role])
     configs[ENSEMBLE] = _ensemble_config(graphs)
     return configs
 
@@ -118,6 +124,8 @@ def write_triton_repository(bundle_dir: Path, out: Path, platform: str = "onnxru
                 shutil.copy2(plan, folder / "1" / "model.plan")
             else:
                 shutil.copy2(bundle.path(role), folder / "1" / "model.onnx")
+            if platform == "python":
+                shutil.copy2(PYTHON_MODEL, folder / "1" / "model.py")
         (tmp / "README.md").write_text(_readme(bundle, platform))
         if out.exists():
             shutil.rmtree(out)
@@ -139,6 +147,9 @@ def _readme(bundle: Bundle, platform: str) -> str:
         "(`sed-export embed-text`, or the bundle's `text/*.safetensors`) and send them with every request.", "",
         "    tritonserver --model-repository=$PWD",
     ]
+    if platform == "python":
+        lines += ["", "Every model is a Python-backend model (`1/model.py`) running `1/model.onnx` with ONNX Runtime",
+                  "on the CPU: the Python that the backend's stub runs needs numpy and onnxruntime."]
     if plugins:
         lines += ["", "The decoder plan uses our top-k-union plugin: load it with",
                   f"`--backend-config=tensorrt,plugins=/path/to/{plugins[0]}` (or LD_PRELOAD it)."]

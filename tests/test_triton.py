@@ -1,8 +1,8 @@
 """`sed-export triton` (issue 16): every generated config.pbtxt parses with Triton's own ModelConfig schema and
 states exactly the names, types and shapes of the ONNX file beside it; the ensemble wires real tensors.
 
-A real tritonserver is not run here: it is not installable on this machine (no NVIDIA index; PyTriton's wheel
-carries only the Python backend), so the ONNX Runtime backend's loading of these files is not tested."""
+A real tritonserver loads the `--platform python` repository in test_triton_server.py; its wheel (PyTriton's)
+carries only the Python backend, so the onnxruntime and tensorrt backends' loading of these files is not tested."""
 
 from __future__ import annotations
 
@@ -81,3 +81,16 @@ def test_bad_triton_exports_are_one_line(repo: Path, tmp_path: Path) -> None:
         r = subprocess.run([str(BIN / "sed-export"), "triton", *args], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r.partial"))
+
+
+def test_python_platform_configs_match_their_onnx_files(tmp_path: Path) -> None:
+    out = tmp_path / "repo"
+    r = subprocess.run([str(BIN / "sed-export"), "triton", str(DEMO_BUNDLE), "--out", str(out), "--platform", "python"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for name in NAMES.values():
+        cfg = validate_config((out / name / "config.pbtxt").read_text())
+        assert cfg.backend == "python" and not cfg.platform and (out / name / "1" / "model.py").is_file()
+        io = _graph_io(out / name / "1" / "model.onnx")
+        assert {t.name: (mc.DataType.Name(t.data_type), list(t.dims)) for t in [*cfg.input, *cfg.output]} == io
+    assert validate_config((out / ENSEMBLE / "config.pbtxt").read_text()).platform == "ensemble"
