@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (path / "manifest.json").is_file():
             t0 = time.perf_counter()
             build_bundle(args.model, vocab, path, precision=precision, force=True, progress=False,
-                         calibration=("shapes", args.calib_images, 0) if precision == "int8" else None,
+                         calibration=("shapes", args.calib_images, 0, "cpu") if precision == "int8" else None,
                          log=lambda *_: None)
             print(f"built {path} in {time.perf_counter() - t0:.0f} s", flush=True)
         bundles[precision] = path

@@ -26,6 +26,7 @@ from sed_runtime.vocab import Vocabulary
 from . import __version__
 
 Log = Callable[[str], None]
+Calibration = tuple[str, int, int, str]  # int8: source (folder or "shapes"), images, seed, flavour (cpu | tensorrt)
 EngineBuild = Callable[[Path, dict[str, Any], Log], dict[str, Any]]
 
 
@@ -102,19 +103,19 @@ def building(out: Path) -> Iterator[Path]:
         raise
 
 
-def _quantized_encoder(enc: Any, tmp: Path, config: Any, weights: dict[str, Any], calibration: tuple[str, int, int],
+def _quantized_encoder(enc: Any, tmp: Path, config: Any, weights: dict[str, Any], calibration: Calibration,
                        log: Log) -> dict[str, Any]:
     """Write tmp/encoder.onnx as the static-int8 QDQ version of `enc`; returns the manifest's record."""
     from .calibration import calibration_set, calibration_tensors, quantize_encoder
     from .onnx_export import save_graph
 
-    source, count, seed = calibration
+    source, count, seed, flavour = calibration
     calib = calibration_set(source, count, seed)
     spec = InputSpec.from_settings(config.sed)
     tensors, cached = calibration_tensors(config.name, weights.get("checkpoint_sha256"), spec, calib)
     fp32 = tmp / ".encoder-fp32.onnx"
     save_graph(enc, fp32)
-    record = quantize_encoder(fp32, tmp / "encoder.onnx", tensors)
+    record = quantize_encoder(fp32, tmp / "encoder.onnx", tensors, flavour)
     fp32.unlink()
     log(f"calibration    {len(calib.names)} images from {source} (seed {seed}){', cached' if cached else ''}")
     return {**record, "calibration": {"source": calib.source, "images": len(calib.names), "seed": seed,
@@ -134,7 +135,7 @@ def build_bundle(
     log: Log = print,
     engine_build: EngineBuild | None = None,
     split_decoder: bool = False,
-    calibration: tuple[str, int, int] | None = None,
+    calibration: Calibration | None = None,
 ) -> Path:
     """Export encoder, decoder and text encoder ONNX, the tokenizer and `vocab`'s embeddings; return `out`.
 

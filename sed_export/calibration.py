@@ -6,9 +6,14 @@ A calibration set is a deterministic sample of user images (`--calib DIR`) or of
 file bytes), so a changed image, checkpoint or model recalibrates and never reuses stale ranges.
 
 The encoder is where a CPU run spends its time (sed-b: about 2.8 s of a 768 x 768 image on 2 cores), so it is
-what we quantize: ONNX Runtime's static QDQ (after `quant_pre_process`), U8 activations, S8 per-channel
-weights, Conv/MatMul/Gemm only, MinMax ranges. The decoder stays fp32: CER ranks classes on its aux logits,
-and its cost is small on CPU at the paper's k. The manifest records all of it.
+what we quantize, with ONNX Runtime's static QDQ (after `quant_pre_process`) on Conv/MatMul/Gemm only, MinMax
+ranges, S8 per-channel weights, in one of two flavours (`FLAVOURS`):
+- `cpu` (ONNX Runtime, OpenVINO): U8 asymmetric activations, int32 biases, as their int8 kernels want;
+- `tensorrt` (explicit quantization in a strongly typed network): S8 symmetric activations (TensorRT rejects
+  non-zero zero points) and float biases (no int32 bias), the rest of the graph fp32. Not fp16: Q/DQ on fp16
+  tensors needs opset 19, and the bundle's graphs are opset 18.
+The decoder stays fp32: CER ranks classes on its aux logits, and its cost is small at the paper's k. The
+manifest records all of it.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from sed_runtime.errors import DatasetError, SedUserError
 from sed_runtime.evaluation import IMAGE_SUFFIXES
 from sed_runtime.text_cache import default_cache_dir
 
-__all__ = ["CalibrationSet", "calibration_set", "calibration_tensors", "quantize_encoder"]
+__all__ = ["FLAVOURS", "CalibrationSet", "calibration_set", "calibration_tensors", "quantize_encoder"]
 
 CALIB_SCENE_SEED = 7  # generated calibration scenes: neither the training seed (0) nor sed-eval's (1000)
 OP_TYPES = ("Conv", "MatMul", "Gemm")
+FLAVOURS = ("cpu", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -121,28 +127,35 @@ class _Reader:
         return None if x is None else {self._name: x[None]}
 
 
-def quantize_encoder(fp32_path: Path, out_path: Path, tensors: np.ndarray) -> dict[str, Any]:
-    """Static QDQ int8 of an fp32 encoder graph; returns the manifest's record of what was quantized."""
+def quantize_encoder(fp32_path: Path, out_path: Path, tensors: np.ndarray, flavour: str = "cpu") -> dict[str, Any]:
+    """Static QDQ int8 of an fp32 encoder graph in `flavour` (see the module docstring); returns the manifest's
+    record of what was quantized."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if flavour not in FLAVOURS:
+        raise SedUserError(f"int8 flavour must be one of {', '.join(FLAVOURS)}, got {flavour!r}")
+    trt = flavour == "tensorrt"
+    options = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False} if trt else {}
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         model = onnx.load(str(pre))
         candidates = [n.name for n in model.graph.node if n.op_type in OP_TYPES]
         quantize_static(str(pre), str(out_path), _Reader(tensors, model.graph.input[0].name),
-                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        per_channel=True, op_types_to_quantize=list(OP_TYPES),
-                        calibrate_method=CalibrationMethod.MinMax)
+                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=list(OP_TYPES),
+                        calibrate_method=CalibrationMethod.MinMax, extra_options=options)
     q = onnx.load(str(out_path))
     dq_outputs = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     quantized = sorted(n.name for n in q.graph.node if n.op_type in OP_TYPES and set(n.input) & dq_outputs)
     return {
+        "flavour": flavour,
         "method": "onnxruntime quantize_static, QDQ, MinMax",
-        "activations": "uint8 (asymmetric, per tensor)",
+        "activations": "int8 (symmetric, per tensor)" if trt else "uint8 (asymmetric, per tensor)",
         "weights": "int8 (symmetric, per channel)",
+        "bias": "float (not quantized)" if trt else "int32",
         "op_types": list(OP_TYPES),
         "graphs": {"encoder": "int8", "decoder": "fp32", "text_encoder": "fp32"},
         "quantized_nodes": len(quantized),

@@ -83,8 +83,9 @@ def build(
     ] = None,
     model: Annotated[str, typer.Option(help="Built-in model name or model JSON file.")] = "sed-tiny",
     checkpoint: Annotated[Optional[Path], typer.Option(help="Official checkpoint (random weights otherwise).")] = None,
-    precision: Annotated[str, typer.Option(help="fp32, fp16 (norms and CER ranking stay fp32), or int8 (CPU: the "
-                                           "encoder as static QDQ int8, the decoder fp32; needs --calib).")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32, fp16 (norms and CER ranking stay fp32), or int8 (the encoder "
+                                           "as static QDQ int8, the decoder fp32; needs --calib; symmetric Q/DQ when "
+                                           "TensorRT plans are built).")] = "fp32",
     calib: Annotated[Optional[str], typer.Option(
         help="int8 calibration images: a folder of your images, or 'shapes' for generated scenes.")] = None,
     calib_images: Annotated[int, typer.Option(help="Calibration images drawn from --calib.")] = 32,
@@ -155,10 +156,7 @@ def build(
     from .trt_build import EngineOptions, build_plans, resolve_engine
     from .trt_profiles import class_range
 
-    if precision == "int8" and engine not in ("auto", "onnx"):
-        raise SedUserError("int8 bundles are for ONNX Runtime and OpenVINO on the CPU (asymmetric QDQ); the TensorRT "
-                           "flavour (symmetric Q/DQ) is not built yet: use --engine onnx")
-    choice = resolve_engine("onnx" if precision == "int8" else engine)
+    choice = resolve_engine(engine)
     opts = EngineOptions(
         engine=choice.engine,
         max_classes=max_classes,
@@ -187,7 +185,8 @@ def build(
         progress=progress,
         engine_build=engine_build,
         split_decoder=choice.engine is not None and cer_mode == "split",
-        calibration=None if calib is None else (calib, calib_images, calib_seed),
+        calibration=None if calib is None else (calib, calib_images, calib_seed,
+                                                 "cpu" if choice.engine is None else "tensorrt"),
     )
     print(f"bundle written to {target}")
     if choice.note:

@@ -1,8 +1,10 @@
-"""INT8 for the CPU path (issue 13): calibration sets and their cache keys, the QDQ graph's properties, and an
-int8 bundle of the trained model that agrees with fp32 on ONNX Runtime and OpenVINO."""
+"""INT8 (issue 13): calibration sets and their cache keys, the QDQ graph's properties in both flavours, an
+int8 bundle of the trained model that agrees with fp32 on ONNX Runtime and OpenVINO, and the TensorRT flavour
+(symmetric S8 Q/DQ, float biases) built into real plans by TensorRT-RTX on the CPU."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -135,8 +137,64 @@ def test_int8_arguments_are_checked_first(tmp_path: Path) -> None:
         (["--precision", "int8"], "needs calibration images"),
         (["--precision", "fp16", "--calib", "shapes"], "--calib is for --precision int8"),
         (["--precision", "int8", "--calib", str(tmp_path / "nope")], "not a folder"),
-        (["--precision", "int8", "--calib", "shapes", "--engine", "tensorrt"], "--engine onnx"),
     ]:
         r = subprocess.run([str(BIN / "sed-export"), "build", "--model", "sed-shapes", "--vocab", "shapes", *args,
                             "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.fixture(scope="module")
+def rtx_int8_bundle(tmp_path_factory) -> Path:
+    if importlib.util.find_spec("tensorrt_rtx_bindings") is None:
+        pytest.skip("tensorrt_rtx_bindings not installed (pip install 'sed-deploy[rtx]')")
+    out = tmp_path_factory.mktemp("int8-rtx") / "shapes-int8-rtx"
+    env = {**os.environ, "SED_CACHE_DIR": str(out.parent / "cache")}
+    r = subprocess.run([str(BIN / "sed-export"), "build", "--model", "sed-shapes", "--vocab", "shapes",
+                        "--precision", "int8", "--calib", "shapes", "--calib-images", "8", "--engine", "tensorrt-rtx",
+                        "--out", str(out), "--no-progress"], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "encoder.plan" in r.stdout and "decoder.plan" in r.stdout
+    return out
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_flavour_is_symmetric_s8_without_int32_bias_and_builds(rtx_int8_bundle: Path) -> None:
+    manifest = json.loads((rtx_int8_bundle / "manifest.json").read_text())
+    q, eng = manifest["quantization"], manifest["engines"]
+    assert q["flavour"] == "tensorrt" and q["bias"] == "float (not quantized)"
+    assert q["quantized_nodes"] == q["candidate_nodes"] > 0
+    assert eng["engine"] == "tensorrt-rtx" and eng["precision"] == "int8" and eng["strongly_typed"]
+    assert (rtx_int8_bundle / eng["plans"]["encoder"]["file"]).stat().st_size == eng["plans"]["encoder"]["bytes"]
+    enc = onnx.load(str(rtx_int8_bundle / "encoder.onnx"))
+    inits = {t.name: t for t in enc.graph.initializer}
+    qdq = [n for n in enc.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(qdq) > 2 * q["quantized_nodes"]  # activations and weights of every quantized node
+    for n in qdq:
+        zero = inits[n.input[2]]  # TensorRT rejects non-zero zero points, and needs them int8
+        assert zero.data_type == onnx.TensorProto.INT8 and not onnx.numpy_helper.to_array(zero).any(), n.name
+    int32 = [n.name for n in qdq if n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.INT32]
+    assert not int32  # no int32 bias
+    weight_inputs = {n.input[1] for n in enc.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")}
+    weight_dq = [n for n in qdq if n.input[0] in inits and n.output[0] in weight_inputs]
+    assert weight_dq and all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in weight_dq)
+    assert any(len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1 for n in weight_dq)  # per channel
+
+
+def test_tensorrt_flavour_onnx_agrees_with_fp32_on_ort(rtx_int8_bundle: Path) -> None:
+    """The symmetric graph is the one the plans are built from; ONNX Runtime runs it on the CPU, so its accuracy
+    is checked here against the fp32 reference on the trained model (the plans themselves need a GPU)."""
+    from sed_runtime.backends.ort_backend import OrtBackend
+    from sed_runtime.backends.torch_backend import TorchBackend
+    from sed_runtime.pipeline import SedPipeline
+    from sed_runtime.scenes import SHAPES_CLASSES, generate_scene
+    from sed_runtime.vocab import Vocabulary
+
+    vocab = Vocabulary("shapes", SHAPES_CLASSES)
+    pipe = SedPipeline(OrtBackend(rtx_int8_bundle), vocab, topk=8, progress=False)
+    ref = SedPipeline(TorchBackend("sed-shapes"), vocab, topk=8, progress=False)
+    agree = total = 0
+    for i in range(4):
+        image = generate_scene(1000, i).image
+        a, b = pipe(image).seg, ref(image).seg
+        agree, total = agree + int((a == b).sum()), total + a.size
+    assert agree / total >= 0.98, agree / total
