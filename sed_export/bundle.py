@@ -148,9 +148,12 @@ def build_bundle(
     import open_clip
     from safetensors.numpy import save_file
 
+    from sed_runtime.chunked_decoder import CHUNKED_DIR
+    from sed_runtime.chunked_decoder import segment_file as chunked_file
     from sed_runtime.split_decoder import SPLIT_DIR, segment_file
 
     from .config import load_model_config
+    from .onnx_chunked import build_chunked_segments
     from .onnx_export import (
         OPSET,
         PRECISIONS,
@@ -201,6 +204,12 @@ def build_bundle(
                 graphs[name] = {"file": segment_file(name), **_io(seg)}
         split_note = " (+ split at the CER points)" if split_decoder else ""
         log(f"decoder.onnx   {time.perf_counter() - t0:6.1f} s{split_note}")
+        t0 = time.perf_counter()
+        (tmp / CHUNKED_DIR).mkdir()
+        for name, seg in build_chunked_segments(model, graph_precision).items():
+            save_graph(seg, tmp / chunked_file(name))
+            graphs[name] = {"file": chunked_file(name), **_io(seg)}
+        log(f"decoder_chunked {time.perf_counter() - t0:5.1f} s (class-chunked segments for large vocabularies)")
         t0 = time.perf_counter()
         export_text_encoder(model.clip_model, tmp / "text_encoder.onnx", opset=OPSET)
         graphs["text_encoder"] = {"file": "text_encoder.onnx", **_io(onnx.load(str(tmp / "text_encoder.onnx")))}

@@ -191,25 +191,29 @@ class ChunkedUp:
         seq = y.permute(2, 3, 0, 1).reshape(h * w, t, c)
         return y, seq, self.layer.attention.norm1(seq)
 
+    def partial_stats(self, xc: torch.Tensor, total: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk's share of the class sums (fp32): kv (pixels, h, d, d), ksum (pixels, h, 1, d); `total` is the
+        number of alive classes (v is divided by it, as the one-pass attention does)."""
+        att = self.layer.attention.attention
+        _, _, normed = self._fam_input(xc)
+        k = F.elu(_class_heads(att.k(normed), self.heads).float()) + 1.0
+        v = _class_heads(att.v(normed), self.heads).float() / total
+        return torch.matmul(k.transpose(-1, -2), v), k.sum(dim=2, keepdim=True)
+
     def stats(self, x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The class sums of the linear attention over all T rows of x: kv (pixels, h, d, d), ksum (pixels, h, 1, d)."""
-        att = self.layer.attention.attention
         total = x.shape[0]
         kv: torch.Tensor | None = None
         ksum: torch.Tensor | None = None
         for start in range(0, total, chunk):
-            _, _, normed = self._fam_input(x[start : start + chunk])
-            k = F.elu(_class_heads(att.k(normed), self.heads).float()) + 1.0
-            v = _class_heads(att.v(normed), self.heads).float() / total
-            part_kv = torch.matmul(k.transpose(-1, -2), v)
-            part_k = k.sum(dim=2, keepdim=True)
+            part_kv, part_k = self.partial_stats(x[start : start + chunk], total)
             kv = part_kv if kv is None else kv + part_kv
             ksum = part_k if ksum is None else ksum + part_k
         assert kv is not None and ksum is not None
         return kv, ksum
 
     def apply(self, xc: torch.Tensor, skip_part: torch.Tensor, cg: torch.Tensor, kv: torch.Tensor,
-              ksum: torch.Tensor, total: int, eps: float = 1e-6) -> torch.Tensor:
+              ksum: torch.Tensor, total: int | torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
         """The rest of the layer for one chunk: attention with the global sums, MLP, double residual, 2x up,
         then the DoubleConv with the skip's share of its first convolution precomputed (`skip_part`)."""
         layer, attn_layer = self.layer, self.layer.attention

@@ -44,6 +44,10 @@ class OrtBackend(Backend):
         self._ort_version = ort.__version__
         # Benchmark hook (sed-bench --kept), empty by default: extra inputs of a bench-only decoder graph variant.
         self.extra_decoder_inputs: dict[str, np.ndarray] = {}
+        # Class-chunked decoding (`sed_runtime.chunked_decoder`, the bundle's decoder_chunked/ graphs): None runs the
+        # one-graph decoder; an int bounds the decoder's working set to that many classes per step (same results).
+        self.class_chunk: int | None = None
+        self._chunked: Any = None
 
     @property
     def input_spec(self) -> InputSpec:
@@ -68,6 +72,8 @@ class OrtBackend(Backend):
         self._check_features(features)
         n = text.shape[0]
         k = n if topk is None else min(topk, n)
+        if self.class_chunk is not None and not self.extra_decoder_inputs:
+            return self._decode_chunked(features, text, topk, k, self.class_chunk)
         t0 = time.perf_counter()
         scores, *kept = self.decoder.run(None, {
             **features.data, "text": np.ascontiguousarray(text, dtype=np.float32),
@@ -78,6 +84,22 @@ class OrtBackend(Backend):
             timings_ms={"decoder": (time.perf_counter() - t0) * 1e3},
         )
 
+    def _decode_chunked(self, features: ImageFeatures, text: np.ndarray, topk: int | None, k: int,
+                        chunk: int) -> BackendResult:
+        from ..chunked_decoder import PRE, OrtChunkedSegments, run_chunked_decoder
+
+        if PRE not in self.bundle.manifest["graphs"]:
+            raise SedUserError(f"{self.bundle.root} has no class-chunked decoder graphs (built before they existed); "
+                               "rebuild it with `sed-export build`, or give more memory (--max-memory)")
+        if self._chunked is None:
+            self._chunked = OrtChunkedSegments(self.bundle.root, self.providers, self.threads)
+        t0 = time.perf_counter()
+        probs, alive, kept = run_chunked_decoder(self._chunked, features.data,
+                                                 np.ascontiguousarray(text, dtype=np.float32), k, chunk)
+        return BackendResult(scores=probs, rows=alive.astype(np.int32),
+                             kept=None if topk is None else [x.astype(np.int32) for x in kept],
+                             timings_ms={"decoder": (time.perf_counter() - t0) * 1e3})
+
     def describe(self) -> dict[str, Any]:
         return {
             "backend": self.name,
@@ -85,5 +107,7 @@ class OrtBackend(Backend):
             "precision": self.bundle.manifest["precision"],
             "providers": self.providers,
             "low_memory": self.low_memory,
+            "decoder": "one graph over all classes" if self.class_chunk is None else
+            f"class-chunked, {self.class_chunk} classes per step",
             "onnxruntime": self._ort_version,
         }

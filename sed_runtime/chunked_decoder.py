@@ -1,0 +1,139 @@
+"""The class-chunked decoder for graph backends: segments that run a bounded number of classes at a time.
+
+Why: the one-graph decoder holds every decoder layer's N x C x H x W maps at once (sed-b, N = 847, every
+class kept: about 20 GB in torch). Only the linear class attention mixes classes, through two sums over the
+class axis per pixel and head, and CER's top-k needs every class's aux map; everything else treats classes
+as a batch axis. So each decoder layer runs as a `stats` pass over class chunks (accumulating the two sums in
+fp32) and an `apply` pass that finishes the layer chunk by chunk with the global sums, the same arithmetic as
+the torch reference's `SedDecoder.forward_chunked`.
+
+This module is the contract between the exporter (`sed_export.onnx_chunked` writes graphs with exactly these
+names, inputs and outputs) and the backends, and `run_chunked_decoder`, the one place that wires the segments,
+the CER points and the chunks together. A backend supplies the `SegmentExecutor` of `split_decoder` (run a
+segment, rank CER, fetch to host) over its own sessions; arrays between segments are numpy arrays on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends.base import expand_rows
+from .split_decoder import SegmentExecutor
+from .topk_union_rule import topk_union_reference
+
+CHUNKED_DIR = "decoder_chunked"
+SKIPS = "chunk_skips"  # (res4, res3, res2) -> skip0..2: each layer's per-image share of its first DoubleConv conv
+PRE = "chunk_pre"  # (dense, text) -> (corr, x, aux) for T classes
+STATS = ("chunk_stats1", "chunk_stats2", "chunk_stats3")  # (x, total) -> (kv, ksum): a chunk's share of the sums
+APPLY = ("chunk_apply1", "chunk_apply2", "chunk_apply3")  # (x, cg, skip, kv, ksum, total) -> next x, cg, aux | probs
+SEGMENTS = (SKIPS, PRE, *STATS, *APPLY)
+SKIPS_INPUTS, SKIPS_OUTPUTS = ("res4", "res3", "res2"), ("skip0", "skip1", "skip2")
+PRE_INPUTS, PRE_OUTPUTS = ("dense", "text"), ("corr", "x", "aux")
+STATS_INPUTS, STATS_OUTPUTS = ("x", "total"), ("kv", "ksum")
+APPLY_INPUTS = ("x", "cg", "skip", "kv", "ksum", "total")
+APPLY_OUTPUTS, LAST_OUTPUTS = ("x_out", "g_out", "aux_out"), ("probs",)
+
+
+def segment_file(segment: str) -> str:
+    """Where a chunked segment's ONNX lives inside a bundle."""
+    return f"{CHUNKED_DIR}/{segment}.onnx"
+
+
+def segment_outputs(segment: str) -> tuple[str, ...]:
+    if segment == SKIPS:
+        return SKIPS_OUTPUTS
+    if segment == PRE:
+        return PRE_OUTPUTS
+    if segment in STATS:
+        return STATS_OUTPUTS
+    return LAST_OUTPUTS if segment == APPLY[-1] else APPLY_OUTPUTS
+
+
+def _chunks(total: int, chunk: int) -> range:
+    return range(0, total, chunk)
+
+
+def run_chunked_decoder(
+    ex: SegmentExecutor, features: Mapping[str, Any], text: np.ndarray, k: int, chunk: int
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Encoder features + text (N, P, E) -> (probabilities of the last survivors (K, h, w) float32, their sorted
+    original class indices, the kept indices per CER point), running at most `chunk` classes per segment call.
+
+    `k` >= N keeps every class. Equal to the one-graph decoder up to float summation order.
+    """
+    if k < 1 or chunk < 1:
+        raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
+    num_classes = text.shape[0]
+    skips = ex.run(SKIPS, {name: features[name] for name in SKIPS_INPUTS})
+    parts = [ex.run(PRE, {"dense": features["dense"], "text": text[s : s + chunk]})
+             for s in _chunks(num_classes, chunk)]
+    x = np.concatenate([np.asarray(p["x"]) for p in parts])
+    cg = np.concatenate([np.asarray(p["corr"]) for p in parts])
+    aux = np.concatenate([np.asarray(p["aux"]) for p in parts])
+    del parts
+    alive = np.arange(num_classes, dtype=np.int64)
+    kept: list[np.ndarray] = []
+    probs: list[np.ndarray] = []
+    for i in range(3):
+        _, keep = ex.topk_union(aux, k)
+        if len(keep) < len(alive):
+            x, cg, alive = x[keep], cg[keep], alive[keep]
+        kept.append(alive)
+        total = np.array([len(alive)], np.float32)
+        kv = ksum = None
+        for s in _chunks(len(alive), chunk):
+            part = ex.run(STATS[i], {"x": x[s : s + chunk], "total": total})
+            kv = np.asarray(part["kv"]) if kv is None else kv + part["kv"]
+            ksum = np.asarray(part["ksum"]) if ksum is None else ksum + part["ksum"]
+        outs: list[Mapping[str, Any]] = []
+        for s in _chunks(len(alive), chunk):
+            out = ex.run(APPLY[i], {"x": x[s : s + chunk], "cg": cg[s : s + chunk], "skip": skips[f"skip{i}"],
+                                    "kv": kv, "ksum": ksum, "total": total})
+            if i == 2:
+                probs.append(ex.to_host(out["probs"]).astype(np.float32, copy=False))
+            else:
+                outs.append({name: np.asarray(v) for name, v in out.items()})
+        if i < 2:
+            x = np.concatenate([o["x_out"] for o in outs])
+            cg = np.concatenate([o["g_out"] for o in outs])
+            aux = np.concatenate([o["aux_out"] for o in outs])
+    return np.concatenate(probs), alive, kept
+
+
+def full_scores(probs: np.ndarray, alive: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N, h, w) with 0 for rejected classes, as the one-graph decoder's `scores`."""
+    return expand_rows(probs, alive, num_classes)
+
+
+class OrtChunkedSegments:
+    """ONNX Runtime sessions of a bundle's chunked segments and the numpy ranking rule for CER.
+
+    Arenas are off: the segments run one after another, and each arena would keep its own peak.
+    """
+
+    def __init__(self, folder: Path, providers: list[str] | tuple[str, ...] = ("CPUExecutionProvider",),
+                 threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.enable_cpu_mem_arena = False
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.sessions = {s: ort.InferenceSession(str(folder / segment_file(s)), opts, providers=list(providers))
+                         for s in SEGMENTS}
+
+    def run(self, segment: str, feeds: Mapping[str, Any]) -> Mapping[str, Any]:
+        names = segment_outputs(segment)
+        return dict(zip(names, self.sessions[segment].run(list(names), dict(feeds))))
+
+    def topk_union(self, aux: Any, k: int) -> tuple[Any, np.ndarray]:
+        keep = topk_union_reference(np.asarray(aux), k)
+        return keep, keep
+
+    def to_host(self, tensor: Any) -> np.ndarray:
+        return np.asarray(tensor)

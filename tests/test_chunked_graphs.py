@@ -1,0 +1,110 @@
+"""The class-chunked decoder as ONNX segments (`sed_runtime.chunked_decoder`, issue 14): on ONNX Runtime it gives
+the one-graph decoder's scores and kept sets for any chunk size and k, and the ORT backend and `sed-run` use it
+when a vocabulary would not fit in one pass."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from needs import need
+
+need("torch")
+need("open_clip")
+ort = need("onnxruntime")
+need("onnx")
+
+from sed_runtime.chunked_decoder import (  # noqa: E402
+    CHUNKED_DIR,
+    OrtChunkedSegments,
+    full_scores,
+    run_chunked_decoder,
+    segment_file,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEMO_BUNDLE = ROOT / "examples" / "bundles" / "sed-shapes"
+N = 34  # the 24 shapes classes and 10 perturbed copies: near-ties for CER to rank
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    """fp32 segments and the one-graph decoder of the trained sed-shapes, encoder features of a held-out scene."""
+    from sed_export.bundle import model_with_weights
+    from sed_export.config import load_model_config
+    from sed_export.onnx_chunked import build_chunked_segments
+    from sed_export.onnx_export import build_decoder_graph, build_encoder_graph, save_graph
+    from sed_runtime.backends.base import InputSpec
+    from sed_runtime.backends.torch_backend import TorchBackend
+    from sed_runtime.scenes import SHAPES_CLASSES, generate_scene
+    from sed_runtime.vocab import Vocabulary
+
+    config = load_model_config("sed-shapes")
+    model, _ = model_with_weights(config, None)
+    root = tmp_path_factory.mktemp("chunked")
+    (root / CHUNKED_DIR).mkdir()
+    for name, graph in build_chunked_segments(model, "fp32").items():
+        save_graph(graph, root / segment_file(name))
+    save_graph(build_decoder_graph(model, "fp32"), root / "decoder.onnx")
+    save_graph(build_encoder_graph(model, "fp32"), root / "encoder.onnx")
+    image = InputSpec.from_settings(config.sed).preprocess(generate_scene(1000, 3).image).tensor
+    encoder = ort.InferenceSession(str(root / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    features = dict(zip(["dense", "res4", "res3", "res2"], encoder.run(None, {"image": image})))
+    text = TorchBackend("sed-shapes").encode_text(Vocabulary("shapes", SHAPES_CLASSES), progress=False)
+    text = np.concatenate([text, text[::-1][:10] * 0.9 + 0.01]).astype(np.float32)
+    decoder = ort.InferenceSession(str(root / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    reference = {k: decoder.run(None, {**features, "text": text, "k": np.array([k], np.int64)}) for k in (1, 2, 8, N)}
+    return OrtChunkedSegments(root), features, text, reference
+
+
+@pytest.mark.parametrize("chunk", [1, 7, N - 1, N, N + 5])
+@pytest.mark.parametrize("k", [1, 2, 8, N], ids=["k=1", "k=2", "k=8", "k=all"])
+def test_chunked_segments_equal_the_one_graph_decoder(graphs, chunk, k):
+    segments, features, text, reference = graphs
+    scores, *kept = reference[k]
+    probs, alive, got_kept = run_chunked_decoder(segments, features, text, k, chunk)
+    assert float(np.abs(full_scores(probs, alive, N) - scores).max()) <= 1e-5
+    assert [g.tolist() for g in got_kept] == [w.tolist() for w in kept]
+    assert alive.tolist() == kept[2].tolist() and probs.shape[0] == len(alive)  # kept-only rows
+    if k == 1:
+        assert len(kept[0]) < N  # CER rejected classes, so the gathers between chunks ran
+
+
+def test_ort_backend_decodes_in_chunks_with_the_same_segmentation():
+    """The demo bundle (fp16) through the pipeline: chunked and one-graph give the same kept classes and, up to
+    fp16 rounding (the chunked layer sums its concat convolution in another order), the same label map."""
+    from sed_runtime.backends.ort_backend import OrtBackend
+    from sed_runtime.pipeline import SedPipeline
+    from sed_runtime.scenes import generate_scene
+    from sed_runtime.vocab import load_vocabulary
+
+    vocab = load_vocabulary("shapes")
+    one = SedPipeline(OrtBackend(DEMO_BUNDLE), vocab, topk=8, progress=False)
+    backend = OrtBackend(DEMO_BUNDLE)
+    backend.class_chunk = 5
+    chunked = SedPipeline(backend, vocab, topk=8, progress=False)
+    agree = total = 0
+    for i in range(2):
+        image = generate_scene(1000, i).image
+        a, b = one(image), chunked(image)
+        agree, total = agree + int((a.seg == b.seg).sum()), total + a.seg.size
+        assert [x.tolist() for x in a.kept] == [x.tolist() for x in b.kept]
+        assert float(np.abs(a.full_scores() - b.full_scores()).max()) <= 2e-3
+    assert agree / total >= 0.999, agree / total
+    assert backend.describe()["decoder"] == "class-chunked, 5 classes per step"
+
+
+def test_sed_run_chunks_the_ort_decoder_under_a_memory_budget(tmp_path):
+    """A budget that one pass over ade150 would exceed (about 1.5 GiB predicted): sed-run says so and decodes in chunks instead."""
+    r = subprocess.run([str(BIN / "sed-run"), "infer", str(DEMO_BUNDLE), str(ROOT / "examples/images/shapes.jpg"),
+                        "--vocab", "ade150", "--topk", "all", "--backend", "ort", "--max-memory", "1.0",
+                        "--out", str(tmp_path), "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "classes at a time" in r.stdout + r.stderr
+    summary = json.loads((tmp_path / "shapes.json").read_text())
+    assert summary["decoder"].startswith("class-chunked")
