@@ -100,7 +100,8 @@ def test_ort_backend_decodes_in_chunks_with_the_same_segmentation():
 
 
 def test_sed_run_chunks_the_ort_decoder_under_a_memory_budget(tmp_path):
-    """A budget that one pass over ade150 would exceed (about 1.5 GiB predicted): sed-run says so and decodes in chunks instead."""
+    """A budget that one pass over ade150 would exceed (about 1.5 GiB predicted): sed-run says so and decodes in
+    chunks instead."""
     r = subprocess.run([str(BIN / "sed-run"), "infer", str(DEMO_BUNDLE), str(ROOT / "examples/images/shapes.jpg"),
                         "--vocab", "ade150", "--topk", "all", "--backend", "ort", "--max-memory", "1.0",
                         "--out", str(tmp_path), "--no-progress"], capture_output=True, text=True, timeout=600)
@@ -108,3 +109,40 @@ def test_sed_run_chunks_the_ort_decoder_under_a_memory_budget(tmp_path):
     assert "classes at a time" in r.stdout + r.stderr
     summary = json.loads((tmp_path / "shapes.json").read_text())
     assert summary["decoder"].startswith("class-chunked")
+
+
+_PEAK = """
+import json, sys
+import numpy as np
+from sed_runtime.backends.ort_backend import OrtBackend
+from sed_runtime.memory import peak_rss_mb, reset_peak_rss, rss_mb
+from sed_runtime.scenes import generate_scene
+backend = OrtBackend({bundle!r}, threads=2, low_memory=True)
+backend.class_chunk = {chunk} or None
+features = backend.encode_image(backend.input_spec.preprocess(generate_scene(1000, 0).image).tensor)
+text = np.random.default_rng(0).standard_normal(({n}, 80, 32)).astype(np.float32)
+text /= np.linalg.norm(text, axis=-1, keepdims=True)
+if backend.class_chunk:
+    backend.decode(features, text[:2], None)  # load the segment sessions before the baseline
+base = rss_mb()
+assert reset_peak_rss()
+backend.decode(features, text, None)
+print(json.dumps({{"peak_mb": peak_rss_mb() - base}}))
+"""
+
+
+def _ort_decoder_peak_mb(n: int, chunk: int) -> float:
+    code = _PEAK.format(bundle=str(DEMO_BUNDLE), n=n, chunk=chunk)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return float(json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+def test_chunked_ort_working_set_is_bounded():
+    """At 100 classes, every class kept, the one-graph ORT decoder's peak is several times the chunked one's
+    (both without the memory arena)."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to measure a peak")
+    one_graph, chunked = _ort_decoder_peak_mb(100, 0), _ort_decoder_peak_mb(100, 4)
+    print(f"ORT decoder peak over its baseline at N = 100: one graph {one_graph:.0f} MB, chunks of 4 {chunked:.0f} MB")
+    assert one_graph >= 3 * chunked, (one_graph, chunked)
