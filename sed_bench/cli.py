@@ -57,6 +57,10 @@ def main(
         "--low-memory", help="ONNX Runtime decoder without the CPU memory arena (as sed-run --low-memory).")] = False,
     max_rss_gb: Annotated[Optional[float], typer.Option(
         help="Skip cells whose peak RSS, extrapolated from the cells measured before, would exceed this.")] = None,
+    max_memory: Annotated[Optional[float], typer.Option(
+        help="Decoder memory budget in GiB (its working set, beyond what the process holds): a cell whose one-pass "
+             "decoder is predicted to exceed it runs class-chunked (torch, ort); the report says with what chunk.")] = (
+        None),
     work: Annotated[Path, typer.Option(help="Cache folder for ONNX graphs exported for --backend ort.")] = Path(
         "engines/bench"),
     out: Annotated[Optional[Path], typer.Option(
@@ -79,6 +83,8 @@ def main(
         raise SedUserError(f"--text must be 'real' or 'synthetic', got {text!r}")
     if precision not in ("fp32", "fp16"):
         raise SedUserError(f"--precision must be fp32 or fp16, got {precision!r}")
+    if max_memory is not None and max_memory <= 0:
+        raise SedUserError(f"--max-memory must be a positive number of GiB, got {max_memory}")
     if kept_spec is not None and all(k is None for k in ks):
         raise SedUserError("--kept forces the CER points, but --topk all has none; add k values, e.g. --topk 1,8,all")
     vocab_list = parse_vocabs(vocabs)
@@ -101,7 +107,7 @@ def main(
         backends=backends, vocabs=vocab_list, cells=cells, images=image_paths, model=model, checkpoint=checkpoint,
         bundle=bundle, text=text, kept_spec=kept_spec, warmup=warmup, iters=iters, device=device,
         providers=providers, precision=precision, threads=threads, ort_profile=ort_profile, low_memory=low_memory,
-        max_rss_gb=max_rss_gb, work=work, allow_pickle=allow_pickle,
+        max_rss_gb=max_rss_gb, max_memory_gb=max_memory, work=work, allow_pickle=allow_pickle,
     )
     argv = ["sed-bench"] + ([str(bundle)] if bundle else []) + (["--model", model] if bundle is None else [])
     opts = {"--checkpoint": checkpoint, "--backend": ",".join(backends), "--vocabs": vocabs, "--topk": topk,
@@ -110,7 +116,7 @@ def main(
             "--providers": providers if "ort" in backends else None,
             "--precision": precision if "torch" in backends or ("ort" in backends and bundle is None) else None,
             "--threads": threads,
-            "--max-rss-gb": max_rss_gb, "--out": out}
+            "--max-rss-gb": max_rss_gb, "--max-memory": max_memory, "--out": out}
     for flag, value in opts.items():
         if value is not None:
             argv += [flag, str(value)]

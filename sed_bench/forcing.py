@@ -6,6 +6,7 @@ by exactly `count` classes: CER's own survivors first, ranked by their best aux-
 then (if CER kept fewer) the best-scoring rejected ones. With `count` >= the classes alive, nothing changes.
 
 * torch: a `cer_select` callback for `SedDecoder.forward` (set on `TorchBackend.cer_select`).
+* ONNX Runtime, class-chunked: the same rule in numpy (`numpy_selector`, set on `OrtBackend.cer_select`).
 * ONNX Runtime: a bench-only copy of a decoder graph with one more input, `kept_counts` (int64, 3), whose
   CER subgraphs end in the same selection. Built in memory from any decoder graph made by
   `sed_export.onnx_export.build_decoder_graph`; never written into a bundle.
@@ -39,6 +40,21 @@ def torch_selector(counts: tuple[int, int, int]) -> Any:
         span = best.max() - best.min() + 1.0
         key = best + in_union * span  # every CER survivor ranks above every rejected class
         return torch.topk(key, c).indices.sort().values
+
+    return select
+
+
+def numpy_selector(counts: tuple[int, int, int]) -> Any:
+    """The same rule as `torch_selector` on numpy arrays, for the class-chunked decoder's CER points."""
+
+    def select(i: int, aux: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        t = aux.shape[0]
+        c = min(int(counts[i]), t)
+        best = aux.reshape(t, -1).max(axis=1).astype(np.float32)
+        in_union = np.zeros(t, np.float32)
+        in_union[keep] = 1.0
+        key = best + in_union * (best.max() - best.min() + 1.0)  # every CER survivor ranks above every rejected one
+        return np.sort(np.argsort(-key, kind="stable")[:c]).astype(np.int64)
 
     return select
 

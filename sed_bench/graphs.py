@@ -17,7 +17,8 @@ from typing import Any
 
 from sed_runtime.bundle import FORMAT, MANIFEST, sha256_file
 
-_EXPORT_SOURCES = ("onnx_export.py", "onnx_cer.py", "decoder.py", "encoder.py", "model.py", "cer.py")
+_EXPORT_SOURCES = ("onnx_export.py", "onnx_chunked.py", "onnx_cer.py", "decoder.py", "encoder.py", "model.py",
+                   "cer.py")
 
 
 def _code_digest() -> str:
@@ -43,7 +44,8 @@ def bench_graphs(
     model_spec: str, checkpoint: Path | None, precision: str, work: Path, *, allow_pickle: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Folder with encoder.onnx, decoder.onnx and a manifest for this model/weights/precision (cached)."""
+    """Folder with encoder.onnx, decoder.onnx, the class-chunked decoder segments and a manifest for this
+    model/weights/precision (cached)."""
     from sed_export.checkpoint import resolve_weights
     from sed_export.config import load_model_config
 
@@ -55,7 +57,9 @@ def bench_graphs(
         return folder
 
     from sed_export.bundle import building, files_record, input_record, model_with_weights
+    from sed_export.onnx_chunked import build_chunked_segments
     from sed_export.onnx_export import OPSET, build_decoder_graph, build_encoder_graph, save_graph
+    from sed_runtime.chunked_decoder import CHUNKED_DIR, segment_file
 
     log(f"exporting {config.name} {precision} encoder/decoder graphs for the ort backend into {folder} ...")
     t0 = time.perf_counter()
@@ -63,6 +67,11 @@ def bench_graphs(
     with building(folder) as tmp:
         save_graph(build_encoder_graph(model, precision), tmp / "encoder.onnx")
         save_graph(build_decoder_graph(model, precision), tmp / "decoder.onnx")
+        (tmp / CHUNKED_DIR).mkdir()
+        chunked = {}
+        for name, graph in build_chunked_segments(model, precision).items():
+            save_graph(graph, tmp / segment_file(name))
+            chunked[name] = {"file": segment_file(name)}
         manifest = {
             "format": FORMAT,
             "purpose": "sed-bench graphs only: no text encoder, tokenizer or vocabulary; not a deployable bundle",
@@ -73,7 +82,7 @@ def bench_graphs(
             "engine": "onnx",
             "input": input_record(config),
             "templates": list(model.templates),
-            "graphs": {"encoder": {"file": "encoder.onnx"}, "decoder": {"file": "decoder.onnx"}},
+            "graphs": {"encoder": {"file": "encoder.onnx"}, "decoder": {"file": "decoder.onnx"}, **chunked},
             "files": files_record(tmp),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

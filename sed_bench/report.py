@@ -309,7 +309,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["## Peak memory", "",
               "Host: peak RSS during the cell (kernel high-water mark reset before it) and its increase over the RSS "
               "at the cell's start (ONNX Runtime's arena keeps memory between cells, so later cells start higher). "
-              "Device: `torch.cuda.max_memory_allocated` (torch on CUDA only).", ""]
+              "Device: `torch.cuda.max_memory_allocated` (torch on CUDA only). \"chunks of C\": the one-pass decoder "
+              "was predicted to exceed `--max-memory`, so the cell ran class-chunked, C classes per step.", ""]
     head = ["vocabulary", "k"] + [f"{b} peak RSS MB (+increase)" for b in backends] + [
         f"{b} device MB" for b in backends if results["backends"][b].get("device", "").startswith("cuda")]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -320,7 +321,9 @@ def markdown(results: dict[str, Any]) -> str:
             for b in backends:
                 c = by[b].get((lbl, k), {})
                 mem = c.get("memory") or {}
+                chunked = str(c.get("decoder", "")).startswith("class-chunked")
                 row.append(f"{_f(mem.get('rss_peak_mb'))} (+{_f(mem.get('rss_increment_mb'))})"
+                           + (f" chunks of {c['decoder'].split(', ')[1].split()[0]}" if chunked else "")
                            if c.get("status") == "ok" else c.get("status", "–"))
             for b in backends:
                 if results["backends"][b].get("device", "").startswith("cuda"):
@@ -399,7 +402,7 @@ def csv_text(results: dict[str, Any]) -> str:
     lab = results["labels"]
     stages = [st for st in STAGE_ORDER if any(st in c.get("ms", {}) for c in results["cells"])]
     fields = ["backend", "model", "precision", "vocab", "num_classes", "topk", "mode", "kept_mode", "text_mode",
-              "weights", "status", "forced_kept", "kept0", "kept1", "kept2", "samples"]
+              "weights", "status", "decoder", "forced_kept", "kept0", "kept1", "kept2", "samples"]
     for st in stages:
         fields += [f"{st}_median_ms", f"{st}_p90_ms", f"{st}_source"]
     fields += ["rss_peak_mb", "rss_increment_mb", "device_peak_mb", "paper_ms", "ratio_to_paper", "reason"]
@@ -413,7 +416,7 @@ def csv_text(results: dict[str, Any]) -> str:
             "precision": d.get("precision"), "vocab": c["vocab"], "num_classes": c["num_classes"], "topk": c["topk"],
             "mode": lab["mode"], "kept_mode": "SYNTHETIC" if lab["synthetic_kept"] else "measured",
             "text_mode": "SYNTHETIC" if lab["synthetic_text"] else "real", "weights": d.get("weights"),
-            "status": c.get("status"), "reason": c.get("reason") or "",
+            "status": c.get("status"), "reason": c.get("reason") or "", "decoder": c.get("decoder", ""),
             "forced_kept": "" if not c.get("forced_kept") else "/".join(map(str, c["forced_kept"])),
             "samples": c.get("samples", ""), "paper_ms": c.get("paper_ms") or "",
             "ratio_to_paper": "" if c.get("ratio_to_paper") is None else f"{c['ratio_to_paper']:.3f}",

@@ -57,6 +57,7 @@ class BenchConfig:
     ort_profile: bool = True
     low_memory: bool = False  # ORT decoder sessions without the CPU memory arena (sed-run --low-memory)
     max_rss_gb: float | None = None
+    max_memory_gb: float | None = None  # decoder budget: cells predicted above it run class-chunked
     work: Path = Path("engines/bench")
     allow_pickle: bool = False
     argv: list[str] = field(default_factory=list)
@@ -228,7 +229,7 @@ def run_bench(
             "image_sizes": [list(im.shape[:2]) for im in images],
             "warmup": cfg.warmup, "iters": cfg.iters, "device": cfg.device, "providers": cfg.providers,
             "threads": cfg.threads, "ort_profile": cfg.ort_profile, "low_memory": cfg.low_memory,
-            "max_rss_gb": cfg.max_rss_gb,
+            "max_rss_gb": cfg.max_rss_gb, "max_memory_gb": cfg.max_memory_gb,
             "peak_rss_resettable": measure.reset_peak_rss(),
         },
         "backends": {},
@@ -308,16 +309,39 @@ class _CellRunner:
                 b.decoder = self.profiler.session("production", b.bundle.path("decoder"))
             self._production = b.decoder
 
+    def _choose_chunk(self, cell: Cell) -> int | None:
+        """Classes per decoder step when the one-pass decoder's working set is predicted to exceed --max-memory
+        (the decoder's own budget, beyond what the process already holds: models, arenas, the other backend)."""
+        if self.cfg.max_memory_gb is None or not hasattr(self.backend, "class_chunk"):
+            return None
+        from sed_runtime.memory import GiB, choose_class_chunk
+
+        forced = cell.forced if cell.topk is not None else None
+        budget = self.cfg.max_memory_gb * GiB
+        return choose_class_chunk(self.backend.decoder_memory(), cell.num_classes, budget,
+                                  None if forced is None else list(forced))
+
     # -- forced kept counts -------------------------------------------------------------------------------
-    def _configure(self, cell: Cell) -> str:
+    def _configure(self, cell: Cell, chunk: int | None) -> str:
         """Set the backend up for this cell; returns which decoder session runs it (ORT)."""
         forced = cell.forced if cell.topk is not None else None
+        if hasattr(self.backend, "class_chunk"):
+            self.backend.class_chunk = chunk  # type: ignore[attr-defined]
+        if chunk is not None and self.name == "ort":  # the chunked runner forces the survivors in numpy
+            from .forcing import numpy_selector
+
+            b: Any = self.backend
+            b.decoder, b.extra_decoder_inputs = self._production, {}
+            b.cer_select = None if forced is None else numpy_selector(forced)
+            return "chunked"
+        if self.name == "ort":
+            self.backend.cer_select = None  # type: ignore[attr-defined]
         if self.name == "torch":
             from .forcing import torch_selector
 
             self.backend.cer_select = None if forced is None else torch_selector(forced)  # type: ignore[attr-defined]
             return ""
-        b: Any = self.backend
+        b = self.backend
         if self.name == "trt":  # run_bench refuses --kept for trt up front
             return ""
         if forced is None:
@@ -364,8 +388,10 @@ class _CellRunner:
                 f"x {MEMORY_FIT_MARGIN} > --max-rss-gb {self.cfg.max_rss_gb:g}"))
             self._advance(self.cfg.warmup + self.cfg.iters * len(self.images))
             return out
+        chunk = self._choose_chunk(cell)
+        out["decoder"] = "one pass" if chunk is None else f"class-chunked, {chunk} classes per step"
         try:
-            out.update(self._measure(cell, pipe))
+            out.update(self._measure(cell, pipe, chunk))
             out["status"] = "ok"
         except (MemoryError, RuntimeError) as e:  # torch's allocator and ORT raise these for out-of-memory
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -379,8 +405,8 @@ class _CellRunner:
     def _advance(self, n: int) -> None:
         self.bar.advance(self.task, n)
 
-    def _measure(self, cell: Cell, pipe: Any) -> dict[str, Any]:
-        key = self._configure(cell)
+    def _measure(self, cell: Cell, pipe: Any, chunk: int | None) -> dict[str, Any]:
+        key = self._configure(cell, chunk)
         gc.collect()
         torch = None
         if self.cuda:

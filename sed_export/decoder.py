@@ -384,6 +384,7 @@ class SedDecoder(nn.Module):
         chunk: int = 64,
         timer: StageTimer = _no_timer,
         kept_only: bool = False,
+        cer_select: CerSelect | None = None,
     ) -> DecoderOutput:
         """`forward` with a bounded working set: every per-class stage runs `chunk` classes at a time.
 
@@ -391,7 +392,7 @@ class SedDecoder(nn.Module):
         CER points need every class); the ConvNeXt/attention hiddens, the up-sampled maps, the concat and the
         cost guidance at the larger grids exist for one chunk only, and the last layer writes sigmoid scores
         chunk by chunk. Equal to `forward` up to float summation order (tested <= 1e-5 on the scores, same kept
-        sets) for any chunk >= 1.
+        sets) for any chunk >= 1. `cer_select`: the benchmark hook of `forward`.
         """
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -414,6 +415,8 @@ class SedDecoder(nn.Module):
                 with timer(f"cer{i}"):
                     aux = torch.cat([aux_heads[i](x[s : s + chunk])[:, 0] for s in range(0, x.shape[0], chunk)])
                     keep = self.select_classes(aux, topk)
+                    if cer_select is not None:
+                        keep = cer_select(i, aux, keep)
                     if keep.numel() < x.shape[0]:
                         x, cg, alive = x[keep], cg[keep], alive[keep]
                     kept.append(alive)

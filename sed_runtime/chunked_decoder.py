@@ -15,7 +15,7 @@ segment, rank CER, fetch to host) over its own sessions; arrays between segments
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +58,14 @@ def _chunks(total: int, chunk: int) -> range:
 
 
 def run_chunked_decoder(
-    ex: SegmentExecutor, features: Mapping[str, Any], text: np.ndarray, k: int, chunk: int
+    ex: SegmentExecutor, features: Mapping[str, Any], text: np.ndarray, k: int, chunk: int,
+    cer_select: Callable[[int, np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Encoder features + text (N, P, E) -> (probabilities of the last survivors (K, h, w) float32, their sorted
     original class indices, the kept indices per CER point), running at most `chunk` classes per segment call.
 
-    `k` >= N keeps every class. Equal to the one-graph decoder up to float summation order.
+    `k` >= N keeps every class. Equal to the one-graph decoder up to float summation order. `cer_select`
+    (benchmarks only, `sed-bench --kept`): `cer_select(i, aux, keep)` returns the sorted rows to keep instead.
     """
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
@@ -80,6 +82,8 @@ def run_chunked_decoder(
     probs: list[np.ndarray] = []
     for i in range(3):
         _, keep = ex.topk_union(aux, k)
+        if cer_select is not None:
+            keep = cer_select(i, aux, keep)
         if len(keep) < len(alive):
             x, cg, alive = x[keep], cg[keep], alive[keep]
         kept.append(alive)

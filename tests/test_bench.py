@@ -298,3 +298,24 @@ def test_cost_model_per_cer_point_separates_the_layers() -> None:
     assert per_point["pre_ms_per_class"] == pytest.approx(0.5, abs=1e-6)
     assert all(c["predicted_ms"] == pytest.approx(c["measured_ms"], rel=1e-6) for c in per_point["cells"])
     assert model["decoder_vs_n_and_kept"]["r2"] < 1.0  # the mean-kept model cannot fit these cells exactly
+
+
+def test_memory_budget_runs_large_cells_class_chunked(tmp_path: Path, cache_env: dict) -> None:
+    """--max-memory: a cell whose one-pass decoder is predicted above the budget runs class-chunked on both
+    backends, with forced kept counts still exact, and the report says so; a small cell runs in one pass."""
+    vocab = tmp_path / "many.json"
+    vocab.write_text(json.dumps([f"class {i}" for i in range(60)]))
+    out = tmp_path / "chunked"
+    r = CliRunner().invoke(app, [
+        "--model", "sed-shapes", "--backend", "torch,ort", "--vocabs", f"{vocab}", "--topk", "2,all",
+        "--kept", "9,5,3", "--text", "synthetic", "--warmup", "0", "--iters", "1", "--max-memory", "0.1",
+        "--out", str(out), "--work", str(tmp_path / "work"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    cells = {(c["backend"], c["topk"]): c for c in res["cells"]}
+    for b in ("torch", "ort"):
+        assert cells[(b, "all")]["decoder"].startswith("class-chunked"), cells[(b, "all")]["decoder"]
+        assert cells[(b, "2")]["decoder"] == "one pass"
+        assert [cells[(b, "2")]["kept"][f"cer{i}"]["median"] for i in range(3)] == [9, 5, 3]
+    assert "chunks of" in (out / "report.md").read_text()
+    assert {row["decoder"] for row in csv.DictReader((out / "cells.csv").open())} >= {"one pass"}

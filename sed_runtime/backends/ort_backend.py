@@ -47,6 +47,7 @@ class OrtBackend(Backend):
         # Class-chunked decoding (`sed_runtime.chunked_decoder`, the bundle's decoder_chunked/ graphs): None runs the
         # one-graph decoder; an int bounds the decoder's working set to that many classes per step (same results).
         self.class_chunk: int | None = None
+        self.cer_select: Any = None  # benchmark hook (sed-bench --kept) for the chunked decoder's CER points
         self._chunked: Any = None
 
     @property
@@ -95,7 +96,8 @@ class OrtBackend(Backend):
             self._chunked = OrtChunkedSegments(self.bundle.root, self.providers, self.threads)
         t0 = time.perf_counter()
         probs, alive, kept = run_chunked_decoder(self._chunked, features.data,
-                                                 np.ascontiguousarray(text, dtype=np.float32), k, chunk)
+                                                 np.ascontiguousarray(text, dtype=np.float32), k, chunk,
+                                                 cer_select=self.cer_select)
         return BackendResult(scores=probs, rows=alive.astype(np.int32),
                              kept=None if topk is None else [x.astype(np.int32) for x in kept],
                              timings_ms={"decoder": (time.perf_counter() - t0) * 1e3})

@@ -166,10 +166,10 @@ class TorchBackend(Backend):
             txt = torch.from_numpy(np.ascontiguousarray(text, dtype=np.float32)).to(self.device)
             with self._timed(timings, "decoder"):
                 timer = lambda s: self._timed(timings, s)  # noqa: E731
-                if self.cer_select is None and self.class_chunk is not None:
+                if self.class_chunk is not None:
                     out = self.model.transformer.forward_chunked(
                         feats.dense, txt, (feats.res4, feats.res3, feats.res2), topk=topk, chunk=self.class_chunk,
-                        timer=timer, kept_only=True)
+                        timer=timer, kept_only=True, cer_select=self.cer_select)
                 elif self.cer_select is None:
                     out = self.model.decode(feats, txt, topk=topk, timer=timer, kept_only=True)
                 else:
