@@ -71,7 +71,11 @@ def held_elements(sed: Mapping[str, Any], num_templates: int) -> tuple[float, fl
     return held[0], held[1], held[2]
 
 
-CHUNKED_BYTES_PER_ELEMENT = BYTES_PER_ELEMENT["torch"]  # the chunked decoder is torch's: the same fp32 tensors
+# What a class-chunked decoder holds for every class is plain fp32 arrays (torch tensors, or numpy arrays between
+# the ONNX Runtime segments), counted at torch's factor; one chunk's working set runs at the backend's factor,
+# for ONNX Runtime the arena-less one (the chunked segments' sessions have no arena).
+CHUNKED_BYTES_PER_ELEMENT = BYTES_PER_ELEMENT["torch"]
+CHUNK_WORKING_SET = {"torch": "torch", "ort": "ort-low-memory", "ort-low-memory": "ort-low-memory"}
 
 
 @dataclass(frozen=True)
@@ -81,21 +85,27 @@ class DecoderMemory:
     pre_cer_bytes_per_class: float
     layer_bytes_per_class: tuple[float, float, float]
     backend: str
-    held_bytes_per_class: tuple[float, float, float] = (0.0, 0.0, 0.0)  # class-chunked: held for every class
+    # class-chunked: held for every alive class (the pre-CER outputs; each layer's input, guidance and output) and
+    # one chunk's working set per class
+    held_pre_bytes_per_class: float = 0.0
+    held_bytes_per_class: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    chunk_bytes_per_class: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     @classmethod
     def from_settings(cls, sed: Mapping[str, Any], num_templates: int, backend: str) -> DecoderMemory:
         factor = BYTES_PER_ELEMENT[backend]
+        chunk_factor = BYTES_PER_ELEMENT[CHUNK_WORKING_SET.get(backend, backend)]
         pre, layers = decoder_elements(sed, num_templates)
         held = tuple(h * CHUNKED_BYTES_PER_ELEMENT for h in held_elements(sed, num_templates))
         return cls(pre * factor, (layers[0] * factor, layers[1] * factor, layers[2] * factor), backend,
-                   (held[0], held[1], held[2]))
+                   pre * CHUNKED_BYTES_PER_ELEMENT, (held[0], held[1], held[2]),
+                   (layers[0] * chunk_factor, layers[1] * chunk_factor, layers[2] * chunk_factor))
 
     def chunked_peak_bytes(self, num_classes: int, chunk: int, kept: Sequence[int] | None = None) -> float:
         """Peak of the class-chunked decoder: what it holds for every alive class plus one chunk's working set."""
         counts = _kept_counts(num_classes, kept)
-        return self.pre_cer_bytes_per_class * num_classes + max(
-            h * k + b * min(chunk, k) for h, b, k in zip(self.held_bytes_per_class, self.layer_bytes_per_class, counts))
+        return self.held_pre_bytes_per_class * num_classes + max(
+            h * k + b * min(chunk, k) for h, b, k in zip(self.held_bytes_per_class, self.chunk_bytes_per_class, counts))
 
     def peak_bytes(self, num_classes: int, kept: Sequence[int] | None = None) -> float:
         """Peak added by one image: N classes before CER, `kept[i]` through layer i (None: every class)."""
