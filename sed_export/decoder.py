@@ -184,21 +184,25 @@ class ChunkedUp:
         guidance = layer.conv.double_conv[0].in_channels - layer.cnext.dwconv.in_channels  # skip and cost guidance
         self.split = (layer.up.out_channels, guidance)  # channels of [up, skip, cost guidance] in the concat
 
-    def _fam_input(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ConvNeXt block, then the attention's pre-norm: y (t, C, H, W), seq (pixels, t, C), norm1(seq)."""
-        y = self.layer.cnext(xc)
+    def _attention_input(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ConvNeXt block's output y (t, C, H, W) as the attention's sequence (pixels, t, C) and norm1 of it."""
         t, c, h, w = y.shape
         seq = y.permute(2, 3, 0, 1).reshape(h * w, t, c)
-        return y, seq, self.layer.attention.norm1(seq)
+        return seq, self.layer.attention.norm1(seq)
 
-    def partial_stats(self, xc: torch.Tensor, total: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One chunk's share of the class sums (fp32): kv (pixels, h, d, d), ksum (pixels, h, 1, d); `total` is the
-        number of alive classes (v is divided by it, as the one-pass attention does)."""
+    def partial_stats_from_block(self, y: torch.Tensor, total: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk's share of the class sums (fp32) from its ConvNeXt output y: kv (pixels, h, d, d), ksum
+        (pixels, h, 1, d); `total` is the number of alive classes (v is divided by it, as the one-pass attention
+        does)."""
         att = self.layer.attention.attention
-        _, _, normed = self._fam_input(xc)
+        _, normed = self._attention_input(y)
         k = F.elu(_class_heads(att.k(normed), self.heads).float()) + 1.0
         v = _class_heads(att.v(normed), self.heads).float() / total
         return torch.matmul(k.transpose(-1, -2), v), k.sum(dim=2, keepdim=True)
+
+    def partial_stats(self, xc: torch.Tensor, total: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`partial_stats_from_block` of the chunk's layer input."""
+        return self.partial_stats_from_block(self.layer.cnext(xc), total)
 
     def stats(self, x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The class sums of the linear attention over all T rows of x: kv (pixels, h, d, d), ksum (pixels, h, 1, d)."""
@@ -212,13 +216,14 @@ class ChunkedUp:
         assert kv is not None and ksum is not None
         return kv, ksum
 
-    def apply(self, xc: torch.Tensor, skip_part: torch.Tensor, cg: torch.Tensor, kv: torch.Tensor,
-              ksum: torch.Tensor, total: int | torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-        """The rest of the layer for one chunk: attention with the global sums, MLP, double residual, 2x up,
-        then the DoubleConv with the skip's share of its first convolution precomputed (`skip_part`)."""
+    def apply_from_block(self, y: torch.Tensor, skip_part: torch.Tensor, cg: torch.Tensor, kv: torch.Tensor,
+                         ksum: torch.Tensor, total: int | torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        """The rest of the layer for one chunk, from its ConvNeXt output y: attention with the global sums, MLP,
+        double residual, 2x up, then the DoubleConv with the skip's share of its first convolution precomputed
+        (`skip_part`)."""
         layer, attn_layer = self.layer, self.layer.attention
         att = attn_layer.attention
-        y, seq, normed = self._fam_input(xc)
+        seq, normed = self._attention_input(y)
         t, c, h, w = y.shape
         q = F.elu(_class_heads(att.q(normed), self.heads).float()) + 1.0
         z = 1.0 / (torch.matmul(q, ksum.transpose(-1, -2)) + eps)
@@ -233,6 +238,11 @@ class ChunkedUp:
         pad = first.padding
         x = F.conv2d(up, w_up, padding=pad) + skip_part + F.conv2d(cg, w_cg, padding=pad)
         return layer.conv.double_conv[1:](x)
+
+    def apply(self, xc: torch.Tensor, skip_part: torch.Tensor, cg: torch.Tensor, kv: torch.Tensor,
+              ksum: torch.Tensor, total: int | torch.Tensor) -> torch.Tensor:
+        """`apply_from_block` of the chunk's layer input (the torch path recomputes the block: less memory)."""
+        return self.apply_from_block(self.layer.cnext(xc), skip_part, cg, kv, ksum, total)
 
     def skip_part(self, skip: torch.Tensor) -> torch.Tensor:
         """The per-image skip's share of the first DoubleConv convolution (1, out, 2H, 2W): computed once."""

@@ -66,14 +66,17 @@ class _Pre(nn.Module):
 
 
 class _Stats(nn.Module):
-    """A chunk's share of layer i's attention class sums."""
+    """A chunk's ConvNeXt block output y (kept for the apply pass, so the block runs once) and its share of layer
+    i's attention class sums."""
 
     def __init__(self, model: SedModel, index: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.layer, self.dtype = _layers(model)[index], dtype
 
-    def forward(self, x: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return ChunkedUp(self.layer).partial_stats(x.to(self.dtype), total)
+    def forward(self, x: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = self.layer.cnext(x.to(self.dtype))
+        kv, ksum = ChunkedUp(self.layer).partial_stats_from_block(y, total)
+        return kv, ksum, y.float()
 
 
 class _Apply(nn.Module):
@@ -87,10 +90,10 @@ class _Apply(nn.Module):
         self.head = (d.head1, d.head2, d.head)[index]
         self.last, self.dtype = index == 2, dtype
 
-    def forward(self, x: torch.Tensor, cg: torch.Tensor, skip: torch.Tensor, kv: torch.Tensor, ksum: torch.Tensor,
+    def forward(self, y: torch.Tensor, cg: torch.Tensor, skip: torch.Tensor, kv: torch.Tensor, ksum: torch.Tensor,
                 total: torch.Tensor) -> tuple[torch.Tensor, ...] | torch.Tensor:
         g = self.proj(cg.to(self.dtype))
-        out = ChunkedUp(self.layer).apply(x.to(self.dtype), skip.to(self.dtype), g, kv, ksum, total)
+        out = ChunkedUp(self.layer).apply_from_block(y.to(self.dtype), skip.to(self.dtype), g, kv, ksum, total)
         logits = self.head(out)[:, 0].float()
         if self.last:
             return torch.sigmoid(logits)
@@ -118,14 +121,15 @@ def build_chunked_segments(model: SedModel, precision: str = "fp32") -> dict[str
     total = torch.tensor([3.0])
     for i in range(3):
         stats = _Stats(m, i, dtype)
-        segments[STATS[i]] = _export(stats, (x, total), list(STATS_INPUTS), list(STATS_OUTPUTS), {"x": {0: "T"}})
+        segments[STATS[i]] = _export(stats, (x, total), list(STATS_INPUTS), list(STATS_OUTPUTS),
+                                     {"x": {0: "T"}, "y": {0: "T"}})
         with torch.inference_mode():
-            kv, ksum = stats(x, total)
+            kv, ksum, y = stats(x, total)
         apply = _Apply(m, i, dtype)
         outs = LAST_OUTPUTS if i == 2 else APPLY_OUTPUTS
-        args = (x, cg, skips[i], kv, ksum, total)
+        args = (y, cg, skips[i], kv, ksum, total)
         segments[APPLY[i]] = _export(apply, args, list(APPLY_INPUTS), list(outs),
-                                     {"x": {0: "T"}, "cg": {0: "T"}, **{o: {0: "T"} for o in outs}})
+                                     {"y": {0: "T"}, "cg": {0: "T"}, **{o: {0: "T"} for o in outs}})
         if i < 2:
             with torch.inference_mode():
                 x, cg, _ = apply(*args)

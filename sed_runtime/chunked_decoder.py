@@ -4,8 +4,9 @@ Why: the one-graph decoder holds every decoder layer's N x C x H x W maps at onc
 class kept: about 20 GB in torch). Only the linear class attention mixes classes, through two sums over the
 class axis per pixel and head, and CER's top-k needs every class's aux map; everything else treats classes
 as a batch axis. So each decoder layer runs as a `stats` pass over class chunks (accumulating the two sums in
-fp32) and an `apply` pass that finishes the layer chunk by chunk with the global sums, the same arithmetic as
-the torch reference's `SedDecoder.forward_chunked`.
+fp32, and keeping each chunk's ConvNeXt block output so the block runs once) and an `apply` pass that finishes
+the layer chunk by chunk with the global sums, the same arithmetic as the torch reference's
+`SedDecoder.forward_chunked`. Arrays held for every alive class are allocated once and filled chunk by chunk.
 
 This module is the contract between the exporter (`sed_export.onnx_chunked` writes graphs with exactly these
 names, inputs and outputs) and the backends, and `run_chunked_decoder`, the one place that wires the segments,
@@ -28,13 +29,13 @@ from .topk_union_rule import topk_union_reference
 CHUNKED_DIR = "decoder_chunked"
 SKIPS = "chunk_skips"  # (res4, res3, res2) -> skip0..2: each layer's per-image share of its first DoubleConv conv
 PRE = "chunk_pre"  # (dense, text) -> (corr, x, aux) for T classes
-STATS = ("chunk_stats1", "chunk_stats2", "chunk_stats3")  # (x, total) -> (kv, ksum): a chunk's share of the sums
-APPLY = ("chunk_apply1", "chunk_apply2", "chunk_apply3")  # (x, cg, skip, kv, ksum, total) -> next x, cg, aux | probs
+STATS = ("chunk_stats1", "chunk_stats2", "chunk_stats3")  # (x, total) -> (kv, ksum, y): share of the sums, block out
+APPLY = ("chunk_apply1", "chunk_apply2", "chunk_apply3")  # (y, cg, skip, kv, ksum, total) -> next x, cg, aux | probs
 SEGMENTS = (SKIPS, PRE, *STATS, *APPLY)
 SKIPS_INPUTS, SKIPS_OUTPUTS = ("res4", "res3", "res2"), ("skip0", "skip1", "skip2")
 PRE_INPUTS, PRE_OUTPUTS = ("dense", "text"), ("corr", "x", "aux")
-STATS_INPUTS, STATS_OUTPUTS = ("x", "total"), ("kv", "ksum")
-APPLY_INPUTS = ("x", "cg", "skip", "kv", "ksum", "total")
+STATS_INPUTS, STATS_OUTPUTS = ("x", "total"), ("kv", "ksum", "y")
+APPLY_INPUTS = ("y", "cg", "skip", "kv", "ksum", "total")
 APPLY_OUTPUTS, LAST_OUTPUTS = ("x_out", "g_out", "aux_out"), ("probs",)
 
 
@@ -71,41 +72,62 @@ def run_chunked_decoder(
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
     num_classes = text.shape[0]
     skips = ex.run(SKIPS, {name: features[name] for name in SKIPS_INPUTS})
-    parts = [ex.run(PRE, {"dense": features["dense"], "text": text[s : s + chunk]})
-             for s in _chunks(num_classes, chunk)]
-    x = np.concatenate([np.asarray(p["x"]) for p in parts])
-    cg = np.concatenate([np.asarray(p["corr"]) for p in parts])
-    aux = np.concatenate([np.asarray(p["aux"]) for p in parts])
-    del parts
+    held = _Rows(num_classes)
+    for s in _chunks(num_classes, chunk):
+        held.put(s, ex.run(PRE, {"dense": features["dense"], "text": text[s : s + chunk]}))
+    # Each layer's input rows, cost guidance and aux map for the alive classes; popped as soon as they are used.
+    cur = {"x": held.take("x"), "cg": held.take("corr"), "aux": held.take("aux")}
     alive = np.arange(num_classes, dtype=np.int64)
     kept: list[np.ndarray] = []
-    probs: list[np.ndarray] = []
     for i in range(3):
+        aux = cur.pop("aux")
         _, keep = ex.topk_union(aux, k)
         if cer_select is not None:
             keep = cer_select(i, aux, keep)
         if len(keep) < len(alive):
-            x, cg, alive = x[keep], cg[keep], alive[keep]
+            cur = {name: rows[keep] for name, rows in cur.items()}
+            alive = alive[keep]
         kept.append(alive)
-        total = np.array([len(alive)], np.float32)
+        t = len(alive)
+        total = np.array([t], np.float32)
+        blocks = _Rows(t)
         kv = ksum = None
-        for s in _chunks(len(alive), chunk):
+        x = cur.pop("x")
+        for s in _chunks(t, chunk):
             part = ex.run(STATS[i], {"x": x[s : s + chunk], "total": total})
-            kv = np.asarray(part["kv"]) if kv is None else kv + part["kv"]
-            ksum = np.asarray(part["ksum"]) if ksum is None else ksum + part["ksum"]
-        outs: list[Mapping[str, Any]] = []
-        for s in _chunks(len(alive), chunk):
-            out = ex.run(APPLY[i], {"x": x[s : s + chunk], "cg": cg[s : s + chunk], "skip": skips[f"skip{i}"],
-                                    "kv": kv, "ksum": ksum, "total": total})
-            if i == 2:
-                probs.append(ex.to_host(out["probs"]).astype(np.float32, copy=False))
-            else:
-                outs.append({name: np.asarray(v) for name, v in out.items()})
-        if i < 2:
-            x = np.concatenate([o["x_out"] for o in outs])
-            cg = np.concatenate([o["g_out"] for o in outs])
-            aux = np.concatenate([o["aux_out"] for o in outs])
-    return np.concatenate(probs), alive, kept
+            kv = np.array(part["kv"]) if kv is None else kv + part["kv"]
+            ksum = np.array(part["ksum"]) if ksum is None else ksum + part["ksum"]
+            blocks.put(s, {"y": part["y"]})
+        x = None  # the block outputs replace the layer input
+        y, cg = blocks.take("y"), cur.pop("cg")
+        out = _Rows(t)
+        for s in _chunks(t, chunk):
+            out.put(s, ex.run(APPLY[i], {"y": y[s : s + chunk], "cg": cg[s : s + chunk], "skip": skips[f"skip{i}"],
+                                         "kv": kv, "ksum": ksum, "total": total}))
+        y = cg = None
+        if i == 2:
+            return ex.to_host(out.take("probs")).astype(np.float32, copy=False), alive, kept
+        cur = {"x": out.take("x_out"), "cg": out.take("g_out"), "aux": out.take("aux_out")}
+    raise AssertionError("unreachable")
+
+
+class _Rows:
+    """Per-name (T, ...) arrays filled chunk by chunk: allocated at the first chunk's shape, written in place (no
+    list of chunks and a concatenated copy of it alive at once)."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def put(self, start: int, outputs: Mapping[str, Any]) -> None:
+        for name, value in outputs.items():
+            value = np.asarray(value)
+            if name not in self.arrays:
+                self.arrays[name] = np.empty((self.rows, *value.shape[1:]), value.dtype)
+            self.arrays[name][start : start + len(value)] = value
+
+    def take(self, name: str) -> np.ndarray:
+        return self.arrays.pop(name)
 
 
 def full_scores(probs: np.ndarray, alive: np.ndarray, num_classes: int) -> np.ndarray:

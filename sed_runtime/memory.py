@@ -56,18 +56,21 @@ def decoder_elements(sed: Mapping[str, Any], num_templates: int) -> tuple[float,
     return float(pre), (layers[0], layers[1], layers[2])
 
 
-def held_elements(sed: Mapping[str, Any], num_templates: int) -> tuple[float, float, float]:
+def held_elements(sed: Mapping[str, Any], num_templates: int, keeps_block: bool = False) -> tuple[float, float, float]:
     """Per-class float elements a class-chunked decoder holds for every alive class while running layer i: its
     input (c at R^2), the cost guidance it projects from (P at the 1/32 grid, then g at R^2), and its output
-    (d at (2R)^2; the last layer's is one score map)."""
+    (d at (2R)^2; the last layer's is one score map). `keeps_block`: the ONNX Runtime segments keep the ConvNeXt
+    block's output (c at R^2) from the stats pass for the apply pass, so while the stats pass runs the input and
+    that output are both held, and in the apply pass that output and the layer's output."""
     side = int(sed["input_size"]) // 32
     dims = [int(sed["hidden_dims"]), *(int(d) for d in sed["decoder_dims"])]
     guid = [num_templates, *(int(g) for g in sed["decoder_guidance_proj_dims"])]
     held = []
     for i in range(3):
         grid = side * 2**i
-        out = 1 if i == 2 else dims[i + 1]
-        held.append(float(dims[i] * grid * grid + guid[i] * grid * grid + out * (2 * grid) ** 2))
+        inp, guidance = dims[i] * grid * grid, guid[i] * grid * grid
+        out = (1 if i == 2 else dims[i + 1]) * (2 * grid) ** 2
+        held.append(float(max(2 * inp, inp + out) + guidance if keeps_block else inp + guidance + out))
     return held[0], held[1], held[2]
 
 
@@ -96,7 +99,8 @@ class DecoderMemory:
         factor = BYTES_PER_ELEMENT[backend]
         chunk_factor = BYTES_PER_ELEMENT[CHUNK_WORKING_SET.get(backend, backend)]
         pre, layers = decoder_elements(sed, num_templates)
-        held = tuple(h * CHUNKED_BYTES_PER_ELEMENT for h in held_elements(sed, num_templates))
+        keeps_block = backend.startswith("ort")
+        held = tuple(h * CHUNKED_BYTES_PER_ELEMENT for h in held_elements(sed, num_templates, keeps_block))
         return cls(pre * factor, (layers[0] * factor, layers[1] * factor, layers[2] * factor), backend,
                    pre * CHUNKED_BYTES_PER_ELEMENT, (held[0], held[1], held[2]),
                    (layers[0] * chunk_factor, layers[1] * chunk_factor, layers[2] * chunk_factor))
