@@ -1,11 +1,12 @@
 """The class-chunked ONNX Runtime decoder against the one-graph decoder, side by side in one run (issue 14).
 
 For each class count N, every class kept (k = all, where the decoder's memory is largest), each mode runs in a
-fresh process: encode one image, then decode once with N synthetic text embeddings, and report the decoder's
-wall time and its peak RSS above the process's RSS before the decode (after one untimed warm-up decode). Modes alternate per N, so machine noise
-hits both alike. One graph runs without ONNX Runtime's memory arena (`--low-memory`, the smaller of its two
-peaks); the chunked decoder gets the largest chunk whose predicted peak fits --budget (the memory model of
-`sed-run --max-memory`).
+fresh process: encode one image, decode once untimed (sessions loaded, first-call allocations done), then
+decode again with the same N synthetic text embeddings, and report that decode's wall time and its peak RSS
+above the process's RSS before it. Modes alternate per N, so machine noise hits both alike. One graph runs
+without ONNX Runtime's memory arena (`--low-memory`, the smaller of its two peaks); the chunked decoder gets
+the largest chunk whose predicted peak fits --budget (the memory model of `sed-run --max-memory`; one chunk
+of N when one pass fits).
 
     python benchmarks/chunked_decoder.py --model sed-b --classes 150,459,847 --budget 3 --out benchmarks/results/x
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -41,6 +43,16 @@ seconds = time.perf_counter() - t0
 print(json.dumps({{"seconds": seconds, "peak_mb": peak_rss_mb() - base, "base_mb": base,
                   "rows": int(result.scores.shape[0])}}))
 """
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -78,7 +90,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} CPUs"
+    machine = f"{_cpu_name()}, {os.cpu_count()} CPUs"
     (out / "results.json").write_text(json.dumps({"model": args.model, "budget_gib": args.budget,
                                                   "image": args.image, "machine": machine, "rows": rows}, indent=2))
     lines = [f"# Class-chunked vs one-graph ONNX Runtime decoder: {args.model}, every class kept", "",
