@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -45,16 +44,6 @@ print(json.dumps({{"seconds": seconds, "peak_mb": peak_rss_mb() - base, "base_mb
 """
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="sed-b")
@@ -66,6 +55,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from sed_bench.graphs import bench_graphs
+    from sed_bench.measure import cpu_model
     from sed_runtime.bundle import Bundle
     from sed_runtime.memory import DecoderMemory, GiB, choose_class_chunk
 
@@ -90,7 +80,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    machine = f"{_cpu_name()}, {os.cpu_count()} CPUs"
+    machine = f"{cpu_model()}, {os.cpu_count()} CPUs"
     (out / "results.json").write_text(json.dumps({"model": args.model, "budget_gib": args.budget,
                                                   "image": args.image, "machine": machine, "rows": rows}, indent=2))
     lines = [f"# Class-chunked vs one-graph ONNX Runtime decoder: {args.model}, every class kept", "",
