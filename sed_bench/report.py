@@ -321,9 +321,8 @@ def markdown(results: dict[str, Any]) -> str:
             for b in backends:
                 c = by[b].get((lbl, k), {})
                 mem = c.get("memory") or {}
-                chunked = str(c.get("decoder", "")).startswith("class-chunked")
                 row.append(f"{_f(mem.get('rss_peak_mb'))} (+{_f(mem.get('rss_increment_mb'))})"
-                           + (f" chunks of {c['decoder'].split(', ')[1].split()[0]}" if chunked else "")
+                           + (f" chunks of {c['chunk']}" if c.get("chunk") else "")
                            if c.get("status") == "ok" else c.get("status", "–"))
             for b in backends:
                 if results["backends"][b].get("device", "").startswith("cuda"):

@@ -390,6 +390,7 @@ class _CellRunner:
             return out
         chunk = self._choose_chunk(cell)
         out["decoder"] = "one pass" if chunk is None else f"class-chunked, {chunk} classes per step"
+        out["chunk"] = chunk
         try:
             out.update(self._measure(cell, pipe, chunk))
             out["status"] = "ok"

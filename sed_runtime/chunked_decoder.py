@@ -16,15 +16,13 @@ segment, rank CER, fetch to host) over its own sessions; arrays between segments
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .backends.base import expand_rows
-from .split_decoder import SegmentExecutor
-from .topk_union_rule import topk_union_reference
+from .split_decoder import OrtSegments, SegmentExecutor
 
 CHUNKED_DIR = "decoder_chunked"
 SKIPS = "chunk_skips"  # (res4, res3, res2) -> skip0..2: each layer's per-image share of its first DoubleConv conv
@@ -130,36 +128,8 @@ class _Rows:
         return self.arrays.pop(name)
 
 
-def full_scores(probs: np.ndarray, alive: np.ndarray, num_classes: int) -> np.ndarray:
-    """(N, h, w) with 0 for rejected classes, as the one-graph decoder's `scores`."""
-    return expand_rows(probs, alive, num_classes)
-
-
-class OrtChunkedSegments:
-    """ONNX Runtime sessions of a bundle's chunked segments and the numpy ranking rule for CER.
-
-    Arenas are off: the segments run one after another, and each arena would keep its own peak.
-    """
-
-    def __init__(self, folder: Path, providers: list[str] | tuple[str, ...] = ("CPUExecutionProvider",),
-                 threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.enable_cpu_mem_arena = False
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.sessions = {s: ort.InferenceSession(str(folder / segment_file(s)), opts, providers=list(providers))
-                         for s in SEGMENTS}
-
-    def run(self, segment: str, feeds: Mapping[str, Any]) -> Mapping[str, Any]:
-        names = segment_outputs(segment)
-        return dict(zip(names, self.sessions[segment].run(list(names), dict(feeds))))
-
-    def topk_union(self, aux: Any, k: int) -> tuple[Any, np.ndarray]:
-        keep = topk_union_reference(np.asarray(aux), k)
-        return keep, keep
-
-    def to_host(self, tensor: Any) -> np.ndarray:
-        return np.asarray(tensor)
+def ort_chunked_segments(folder: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
+                         threads: int | None = None) -> OrtSegments:
+    """ONNX Runtime sessions of a bundle's chunked segments (no arenas) and the numpy ranking rule for CER."""
+    return OrtSegments(folder, providers, segments=SEGMENTS, file=segment_file, outputs=segment_outputs,
+                       threads=threads)

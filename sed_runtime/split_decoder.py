@@ -13,7 +13,7 @@ together. Backends supply a `SegmentExecutor` that runs a segment and a top-k un
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -96,23 +96,28 @@ class OrtSegments:
     """The reference `SegmentExecutor`: ONNX Runtime on the CPU and the numpy ranking rule between segments.
 
     It checks the split graphs against the one-graph decoder on any machine; the TensorRT backend runs the
-    same wiring on the GPU.
+    same wiring on the GPU. `segments`, `file` and `outputs` name another set of segments in the same bundle
+    (the class-chunked decoder's, `chunked_decoder.ort_chunked_segments`).
     """
 
-    def __init__(self, folder: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
+    def __init__(self, folder: Path, providers: Sequence[str] = ("CPUExecutionProvider",), *,
+                 segments: Sequence[str] = SEGMENTS, file: Callable[[str], str] = segment_file,
+                 outputs: Callable[[str], tuple[str, ...]] = segment_outputs, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        # Four sessions run one after another; with arenas each would keep its own peak (the sum, not the max).
+        # The segments run one after another; with arenas each would keep its own peak (the sum, not the max).
         opts.enable_cpu_mem_arena = False
-        self.sessions = {
-            s: ort.InferenceSession(str(folder / segment_file(s)), opts, providers=list(providers)) for s in SEGMENTS
-        }
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.outputs = outputs
+        self.sessions = {s: ort.InferenceSession(str(folder / file(s)), opts, providers=list(providers))
+                         for s in segments}
 
     def run(self, segment: str, feeds: Mapping[str, Any]) -> Mapping[str, Any]:
-        values = self.sessions[segment].run(list(segment_outputs(segment)), dict(feeds))
-        return dict(zip(segment_outputs(segment), values))
+        names = self.outputs(segment)
+        return dict(zip(names, self.sessions[segment].run(list(names), dict(feeds))))
 
     def topk_union(self, aux: Any, k: int) -> tuple[Any, np.ndarray]:
         keep = topk_union_reference(np.asarray(aux), k)

@@ -18,13 +18,8 @@ need("open_clip")
 ort = need("onnxruntime")
 need("onnx")
 
-from sed_runtime.chunked_decoder import (  # noqa: E402
-    CHUNKED_DIR,
-    OrtChunkedSegments,
-    full_scores,
-    run_chunked_decoder,
-    segment_file,
-)
+from sed_runtime.backends.base import expand_rows  # noqa: E402
+from sed_runtime.chunked_decoder import CHUNKED_DIR, ort_chunked_segments, run_chunked_decoder, segment_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -59,7 +54,7 @@ def graphs(tmp_path_factory):
     text = np.concatenate([text, text[::-1][:10] * 0.9 + 0.01]).astype(np.float32)
     decoder = ort.InferenceSession(str(root / "decoder.onnx"), providers=["CPUExecutionProvider"])
     reference = {k: decoder.run(None, {**features, "text": text, "k": np.array([k], np.int64)}) for k in (1, 2, 8, N)}
-    return OrtChunkedSegments(root), features, text, reference
+    return ort_chunked_segments(root), features, text, reference
 
 
 @pytest.mark.parametrize("chunk", [1, 7, N - 1, N, N + 5])
@@ -68,7 +63,7 @@ def test_chunked_segments_equal_the_one_graph_decoder(graphs, chunk, k):
     segments, features, text, reference = graphs
     scores, *kept = reference[k]
     probs, alive, got_kept = run_chunked_decoder(segments, features, text, k, chunk)
-    assert float(np.abs(full_scores(probs, alive, N) - scores).max()) <= 1e-5
+    assert float(np.abs(expand_rows(probs, alive, N) - scores).max()) <= 1e-5
     assert [g.tolist() for g in got_kept] == [w.tolist() for w in kept]
     assert alive.tolist() == kept[2].tolist() and probs.shape[0] == len(alive)  # kept-only rows
     if k == 1:

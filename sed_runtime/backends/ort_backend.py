@@ -87,13 +87,13 @@ class OrtBackend(Backend):
 
     def _decode_chunked(self, features: ImageFeatures, text: np.ndarray, topk: int | None, k: int,
                         chunk: int) -> BackendResult:
-        from ..chunked_decoder import PRE, OrtChunkedSegments, run_chunked_decoder
+        from ..chunked_decoder import PRE, ort_chunked_segments, run_chunked_decoder
 
         if PRE not in self.bundle.manifest["graphs"]:
             raise SedUserError(f"{self.bundle.root} has no class-chunked decoder graphs (built before they existed); "
                                "rebuild it with `sed-export build`, or give more memory (--max-memory)")
         if self._chunked is None:
-            self._chunked = OrtChunkedSegments(self.bundle.root, self.providers, self.threads)
+            self._chunked = ort_chunked_segments(self.bundle.root, self.providers, self.threads)
         t0 = time.perf_counter()
         probs, alive, kept = run_chunked_decoder(self._chunked, features.data,
                                                  np.ascontiguousarray(text, dtype=np.float32), k, chunk,
