@@ -209,6 +209,11 @@ def train(
                                             "for CLIP's pretraining; 0 keeps the random tower).")] = 300,
     visual_steps: Annotated[int, typer.Option(help="Visual-tower pretraining steps aligning its dense features with "
                                               "the class embeddings (a stand-in for CLIP's; 0 skips it).")] = 4500,
+    init: Annotated[Optional[Path], typer.Option(help="Fine-tune these weights (.safetensors or official .pth) "
+                                                 "instead of training from scratch; skips the pretraining.")] = None,
+    warmup_steps: Annotated[int, typer.Option(help="Linear lr warm-up steps before the cosine decay.")] = 100,
+    data_offset: Annotated[int, typer.Option(help="Step i trains on generated scene data_offset + i (a fine-tune "
+                                             "after an S-step run passes S, so it sees new scenes).")] = 0,
     eval_images: Annotated[int, typer.Option(help="Held-out generated images scored into the model card.")] = 100,
     threads: Annotated[Optional[int], typer.Option(help="Torch CPU threads (default: torch's).")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Ignore a resume state in --out and start over.")] = False,
@@ -222,16 +227,17 @@ def train(
 
     if data != "shapes":
         raise SedUserError(f"--data {data!r} is not supported; use 'shapes' (generated scenes)")
-    if steps < 1 or checkpoint_every < 1 or lr <= 0 or min(eval_images, text_steps, visual_steps) < 0:
-        raise SedUserError("--steps and --checkpoint-every must be >= 1, --eval-images, --text-steps and "
-                           "--visual-steps >= 0, --lr > 0")
+    if steps < 1 or checkpoint_every < 1 or lr <= 0 or min(eval_images, text_steps, visual_steps, warmup_steps,
+                                                            data_offset) < 0:
+        raise SedUserError("--steps and --checkpoint-every must be >= 1, --eval-images, --text-steps, "
+                           "--visual-steps, --warmup-steps and --data-offset >= 0, --lr > 0")
     check_output_folder(out)
     from .train import run_training
 
     run_training(model, out, steps=steps, lr=lr, seed=seed, data_seed=data_seed, checkpoint_every=checkpoint_every,
                  text_steps=text_steps, visual_steps=visual_steps, eval_images=eval_images, threads=threads,
-                 restart=restart, force=force,
-                 progress=progress)
+                 restart=restart, force=force, progress=progress, init=init, warmup_steps=warmup_steps,
+                 data_offset=data_offset)
 
 
 @app.command()

@@ -36,7 +36,7 @@ from sed_runtime.errors import SedUserError
 from sed_runtime.scenes import IGNORE_INDEX, SHAPES_CLASSES, STUFF, generate_scene
 from sed_runtime.vocab import Vocabulary
 
-from .checkpoint import file_sha256, save_official_checkpoint
+from .checkpoint import file_sha256, load_checkpoint_into, save_official_checkpoint
 from .config import ModelConfig
 from .model import OFFICIAL_PREFIX, SedModel, build_model, official_state_dict
 
@@ -64,6 +64,8 @@ class TrainSettings:
     backbone_lr_scale: float = 0.1  # the visual tower's lr multiplier in the SED recipe (official: 0.01 on CLIP)
     ce_weight: float = 1.0  # softmax cross-entropy on the final logits beside the four BCE terms (see sed_loss)
     ce_balanced: bool = False  # that cross-entropy balanced between thing and stuff pixels (see sed_loss)
+    init_sha256: str | None = None  # fine-tuning: the weights the run starts from (no pretraining then)
+    data_offset: int = 0  # step i sees generate_scene(data_seed, data_offset + i): a fine-tune sees new scenes
 
 
 def trainable_parameters(model: SedModel) -> list[torch.nn.Parameter]:
@@ -285,12 +287,15 @@ def _pairs(spec: InputSpec, data_seed: int, indices: range, n: int) -> Iterator[
 
 
 def train(
-    config: ModelConfig, out: Path, settings: TrainSettings, *, resume: bool = True, progress: bool = True
+    config: ModelConfig, out: Path, settings: TrainSettings, *, resume: bool = True, progress: bool = True,
+    init: Path | None = None,
 ) -> Path:
     """Train `config` on generated shapes scenes into `out`; returns the final official checkpoint's path.
 
-    `out` holds `last.pth` (resume state, every `checkpoint_every` steps), `loss_log.csv`, and at the end
-    `model_final.pth` (official format) and `<model>.safetensors` (fp16) with `model_card.json`.
+    `init`: fine-tune these weights (their sha256 must be `settings.init_sha256`) instead of training from
+    random weights; the text and visual pretraining are skipped then. `out` holds `last.pth` (resume state,
+    every `checkpoint_every` steps), `loss_log.csv`, and at the end `model_final.pth` (official format) and
+    `<model>.safetensors` (fp16) with `model_card.json`.
     """
     from tqdm import tqdm
 
@@ -304,17 +309,23 @@ def train(
     resume_path = out / RESUME_FILE
     resuming = resume and resume_path.exists()
     state = torch.load(resume_path, map_location="cpu", weights_only=True) if resuming else None
+    if (init is None) != (settings.init_sha256 is None):
+        raise ValueError("init and settings.init_sha256 go together")
+    if init is not None and state is None:
+        _, sha = load_checkpoint_into(model, init)
+        if sha != settings.init_sha256:
+            raise SedUserError(f"{init} changed since this run was set up (sha256 {sha[:12]}...); start it again")
     if state is not None:
         if _recipe(state.get("settings", {})) != _recipe(asdict(settings)):
             raise SedUserError(f"{resume_path} was written with other settings ({_recipe(state.get('settings', {}))}); "
                                "pass the same options to resume, or --restart to start over")
         model.load_state_dict({k.removeprefix(OFFICIAL_PREFIX): v for k, v in state["model"].items()})
         start = int(state["step"])
-    elif settings.text_steps:
+    elif settings.text_steps and init is None:
         pretrain_text(model, vocab.classes, settings.text_steps, settings.seed)
     trainable_parameters(model)  # freezes the text tower
     text = _text_embeddings(model, vocab)  # the frozen tower's embeddings: computed once
-    if state is None and settings.visual_steps:
+    if state is None and settings.visual_steps and init is None:
         pretrain_visual(model, text, spec, settings, progress)
     opt = _sed_optimizer(model, settings)
     if state is not None:
@@ -332,7 +343,8 @@ def train(
     bar = tqdm(total=settings.steps, initial=start, desc="train", unit="step", disable=not progress)
     with log_path.open("a", newline="") as log_file:
         log = csv.writer(log_file)
-        pairs = _pairs(spec, settings.data_seed, range(start, settings.steps), len(vocab))
+        offset = settings.data_offset
+        pairs = _pairs(spec, settings.data_seed, range(offset + start, offset + settings.steps), len(vocab))
         for step, (image, target) in enumerate(pairs, start=start):
             lr = lr_at(step, settings)
             for group in opt.param_groups:
@@ -397,9 +409,12 @@ def evaluate_weights(model: str | Path, weights: Path, images: int, topks: tuple
 def run_training(
     model: str, out: Path, *, steps: int, lr: float, seed: int, data_seed: int, checkpoint_every: int,
     text_steps: int, visual_steps: int, eval_images: int, threads: int | None, restart: bool, force: bool,
-    progress: bool,
+    progress: bool, init: Path | None = None, warmup_steps: int = 100, data_offset: int = 0,
 ) -> None:
-    """`sed-export train`: train (or resume), then write fp16 weights, held-out metrics and the model card."""
+    """`sed-export train`: train (or resume), then write fp16 weights, held-out metrics and the model card.
+
+    With `init` the run fine-tunes those weights (no pretraining); the card records them and, when a model card
+    sits beside them, the recipe that made them, so the whole chain stays reproducible."""
     import platform
 
     from .config import load_model_config
@@ -408,13 +423,20 @@ def run_training(
     weights = out / f"{config.name}.safetensors"
     if weights.exists() and not force:
         raise SedUserError(f"{out} already holds a finished run ({weights.name}); pass --force to train again into it")
-    settings = TrainSettings(steps=steps, lr=lr, seed=seed, data_seed=data_seed,
+    init_card = None
+    if init is not None:
+        if not init.is_file():
+            raise SedUserError(f"--init {init} is not a file; pass the weights (.safetensors or .pth) to fine-tune")
+        text_steps = visual_steps = 0  # the towers come from the init weights
+        init_card = _card_beside(init)
+    settings = TrainSettings(steps=steps, lr=lr, seed=seed, data_seed=data_seed, warmup_steps=warmup_steps,
                              checkpoint_every=checkpoint_every, threads=threads, text_steps=text_steps,
-                             visual_steps=visual_steps)
+                             visual_steps=visual_steps, data_offset=data_offset,
+                             init_sha256=None if init is None else file_sha256(init))
     if restart and (out / RESUME_FILE).exists():
         (out / RESUME_FILE).unlink()
     t0 = time.perf_counter()
-    final = train(config, out, settings, resume=not restart, progress=progress)
+    final = train(config, out, settings, resume=not restart, progress=progress, init=init)
     seconds = time.perf_counter() - t0
     sha = export_fp16_weights(final, weights)
     metrics = evaluate_weights(model, weights, eval_images) if eval_images else None
@@ -435,8 +457,10 @@ def run_training(
             "frozen": "CLIP text tower (after text_steps of prompt-classification pretraining, a stand-in for "
                       "CLIP's)",
             "init": "random (no pretrained CLIP); visual tower pretrained for visual_steps on cost-volume "
-                    "cross-entropy (a stand-in for CLIP's image-text alignment)",
+                    "cross-entropy (a stand-in for CLIP's image-text alignment)" if init is None else
+                    f"fine-tuned from {init.name} (sha256 {settings.init_sha256}); see init_card",
         },
+        **({"init_card": init_card} if init is not None else {}),
         "final_loss": _last_loss(out / LOSS_LOG),
         "train_seconds": _train_seconds(out / LOSS_LOG),
         "seconds_this_invocation": round(seconds, 1),
@@ -449,6 +473,18 @@ def run_training(
         print(f"held-out mIoU (torch fp32, {eval_images} generated images): k=all {metrics['all']['miou']:.2f}, "
               f"k=8 {metrics['k8']['miou']:.2f}")
     print(f"weights {weights} ({weights.stat().st_size / 1e6:.1f} MB), model card {out / CARD}")
+
+
+def _card_beside(weights: Path) -> dict[str, Any] | None:
+    """The model card written with `weights` (shipped `<name>.card.json`, or a run folder's model_card.json),
+    reduced to what reproduces them; None when there is none or it describes other weights."""
+    for card_path in (weights.with_suffix(".card.json"), weights.parent / CARD):
+        if card_path.is_file():
+            card = json.loads(card_path.read_text())
+            if card.get("sha256") == file_sha256(weights):
+                keep = ("weights", "sha256", "data", "recipe", "init_card", "train_seconds", "eval")
+                return {k: card[k] for k in keep if k in card}
+    return None
 
 
 def _train_seconds(log: Path) -> float:

@@ -11,7 +11,7 @@ from needs import need
 
 torch = need("torch")
 
-from sed_export.checkpoint import file_sha256, load_checkpoint_into, resolve_weights  # noqa: E402
+from sed_export.checkpoint import file_sha256, load_checkpoint_into, read_checkpoint, resolve_weights  # noqa: E402
 from sed_export.config import WEIGHTS_DIR, load_model_config  # noqa: E402
 from sed_export.model import build_model  # noqa: E402
 from sed_runtime.errors import SedUserError  # noqa: E402
@@ -149,6 +149,50 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     with pytest.raises(SedUserError, match="other settings"):
         train(config, tmp_path / "cut", TrainSettings(steps=5, warmup_steps=2, text_steps=3, visual_steps=2),
               progress=False)
+
+
+def test_fine_tune_starts_from_given_weights_on_new_scenes_and_records_them(tmp_path, monkeypatch):
+    """`--init`: the run starts from those weights (no pretraining), its steps see scenes after the base run's
+    (data_offset), the card carries the base run's card, and a resume refuses other init weights."""
+    import sed_export.train as train_module
+    from sed_export.train import CARD, run_training
+
+    common = dict(seed=0, data_seed=0, checkpoint_every=1, eval_images=0, threads=None, restart=False,
+                  force=False, progress=False, warmup_steps=1)
+    from sed_export.checkpoint import save_official_checkpoint
+
+    base = tmp_path / "base.pth"
+    save_official_checkpoint(build_model(load_model_config("sed-shapes"), seed=3), base)
+    base.with_suffix(".card.json").write_text(json.dumps({"sha256": file_sha256(base), "recipe": {"steps": 2}}))
+    seen, real_sample = [], train_module.sample
+    calls = {"pretrain": 0}
+
+    def spy(spec, data_seed, index, n):
+        seen.append(index)
+        return real_sample(spec, data_seed, index, n)
+
+    monkeypatch.setattr(train_module, "sample", spy)
+    for stage in ("pretrain_text", "pretrain_visual"):
+        monkeypatch.setattr(train_module, stage, lambda *a, **k: calls.__setitem__("pretrain", 1))
+    run_training("sed-shapes", tmp_path / "ft", steps=2, lr=1e-4, text_steps=300, visual_steps=4500,
+                 init=base, data_offset=2, **common)
+    assert seen == [2, 3] and calls["pretrain"] == 0
+    card = json.loads((tmp_path / "ft" / CARD).read_text())
+    assert card["recipe"]["init_sha256"] == file_sha256(base)
+    assert card["recipe"]["text_steps"] == card["recipe"]["visual_steps"] == 0
+    assert card["init_card"]["sha256"] == file_sha256(base) and card["init_card"]["recipe"]["steps"] == 2
+    ft = read_checkpoint(tmp_path / "ft" / "sed-shapes.safetensors")
+    start = read_checkpoint(base)
+    assert any(not torch.equal(ft[k], start[k]) for k in start)  # it trained
+    other = tmp_path / "other.safetensors"
+    shutil.copy(tmp_path / "ft" / "sed-shapes.safetensors", other)
+    (tmp_path / "ft" / "sed-shapes.safetensors").unlink()
+    with pytest.raises(SedUserError, match="other settings"):
+        run_training("sed-shapes", tmp_path / "ft", steps=2, lr=1e-4, text_steps=0, visual_steps=0,
+                     init=other, data_offset=2, **common)
+    with pytest.raises(SedUserError, match="--init"):
+        run_training("sed-shapes", tmp_path / "x", steps=1, lr=1e-4, text_steps=0, visual_steps=0,
+                     init=tmp_path / "missing.pth", **common)
 
 
 def test_text_pretraining_separates_the_classes_and_touches_only_the_text_tower():
