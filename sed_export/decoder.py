@@ -164,6 +164,23 @@ def _class_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     return t.reshape(p, n, num_heads, c // num_heads).transpose(1, 2)
 
 
+def _put_rows(rows: torch.Tensor | None, total: int, start: int, part: torch.Tensor) -> torch.Tensor:
+    """Write `part` at `start` into a (total, ...) tensor, allocating it at the first part's shape."""
+    if rows is None:
+        rows = part.new_empty((total, *part.shape[1:]))
+    rows[start : start + len(part)] = part
+    return rows
+
+
+def _by_chunks(total: int, chunk: int, fn: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """fn(start, end) for each class chunk, gathered into one tensor allocated once."""
+    rows = None
+    for s in range(0, total, chunk):
+        rows = _put_rows(rows, total, s, fn(s, min(s + chunk, total)))
+    assert rows is not None
+    return rows
+
+
 class ChunkedUp:
     """One `Up` layer run over class chunks, equal to `Up.forward` on all classes (up to float summation order).
 
@@ -414,7 +431,7 @@ class SedDecoder(nn.Module):
         with timer("cost_volume"):
             corr = self.cost_volume(dense, text)
             num_classes = corr.shape[0]
-            x = torch.cat([self.conv1(corr[s : s + chunk]) for s in range(0, num_classes, chunk)])
+            x = _by_chunks(num_classes, chunk, lambda s, e: self.conv1(corr[s:e]))
             skips = [proj(g) for proj, g in zip(self.decoder_guidance_projection, guidance)]
         alive = torch.arange(num_classes, device=x.device)
         kept: list[torch.Tensor] = []
@@ -423,7 +440,11 @@ class SedDecoder(nn.Module):
         for i, layer in enumerate(layers):
             if topk is not None:
                 with timer(f"cer{i}"):
-                    aux = torch.cat([aux_heads[i](x[s : s + chunk])[:, 0] for s in range(0, x.shape[0], chunk)])
+                    def aux_rows(s: int, e: int, head: nn.Module = aux_heads[i], rows: torch.Tensor = x
+                                 ) -> torch.Tensor:
+                        return head(rows[s:e])[:, 0]
+
+                    aux = _by_chunks(x.shape[0], chunk, aux_rows)
                     keep = self.select_classes(aux, topk)
                     if cer_select is not None:
                         keep = cer_select(i, aux, keep)
@@ -434,18 +455,18 @@ class SedDecoder(nn.Module):
                 total = x.shape[0]
                 kv, ksum = layer.stats(x, chunk)
                 skip_part = layer.skip_part(skips[i])
-                outs, cgs = [], []
+                next_x: torch.Tensor | None = None
+                next_cg: torch.Tensor | None = None
                 for s in range(0, total, chunk):
                     cg_chunk = corr_proj[i](cg[s : s + chunk])
                     out = layer.apply(x[s : s + chunk], skip_part, cg_chunk, kv, ksum, total)
                     if i == 2:  # the last layer writes scores: its 192 x 192 maps never exist for every class
-                        outs.append(torch.sigmoid(self.head(out)[:, 0]))
-                    else:
-                        outs.append(out)
-                        cgs.append(cg_chunk)
-                if i == 2:
-                    scores_alive = torch.cat(outs)
-                else:
-                    x, cg = torch.cat(outs), torch.cat(cgs)
+                        scores_alive = _put_rows(scores_alive, total, s, torch.sigmoid(self.head(out)[:, 0]))
+                    else:  # written into arrays allocated once (a list of chunks and its concatenation: twice)
+                        next_x = _put_rows(next_x, total, s, out)
+                        next_cg = _put_rows(next_cg, total, s, cg_chunk)
+                if i < 2:
+                    assert next_x is not None and next_cg is not None
+                    x, cg = next_x, next_cg
         assert scores_alive is not None
         return _decoder_output(scores_alive, alive, kept if topk is not None else None, num_classes, kept_only)

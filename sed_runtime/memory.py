@@ -28,8 +28,9 @@ __all__ = ["DecoderMemory", "available_bytes", "check_fits", "choose_class_chunk
 # (demo bundle, N = 300) peaked at 1.06 GB alone and 2.38 GB inside the test suite, and after a re-export
 # 1.43 GB alone and 2.94 GB inside a suite run beside two training processes: the arena grows in doubling
 # chunks and its peak varies run to run (with thread timing), so the upper end is used. Without the arena 3.7 (N = 300)
-# to 5.5 (sed-b, N = 847). A refusal should not let a run be killed, so the upper ends are used.
-BYTES_PER_ELEMENT = {"torch": 4.8, "ort": 12.5, "ort-low-memory": 5.5}
+# to 5.5 (sed-b, N = 847). OpenVINO (CPU plugin, decoder compiled for the N): 5.6 / 5.2 (sed-shapes fp32, N = 100 /
+# 300, fresh processes). A refusal should not let a run be killed, so the upper ends are used.
+BYTES_PER_ELEMENT = {"torch": 4.8, "ort": 12.5, "ort-low-memory": 5.5, "openvino": 5.8}
 GiB = 2**30
 
 
@@ -56,12 +57,11 @@ def decoder_elements(sed: Mapping[str, Any], num_templates: int) -> tuple[float,
     return float(pre), (layers[0], layers[1], layers[2])
 
 
-def held_elements(sed: Mapping[str, Any], num_templates: int, keeps_block: bool = False) -> tuple[float, float, float]:
+def held_elements(sed: Mapping[str, Any], num_templates: int) -> tuple[float, float, float]:
     """Per-class float elements a class-chunked decoder holds for every alive class while running layer i: its
-    input (c at R^2), the cost guidance it projects from (P at the 1/32 grid, then g at R^2), and its output
-    (d at (2R)^2; the last layer's is one score map). `keeps_block`: the ONNX Runtime segments keep the ConvNeXt
-    block's output (c at R^2) from the stats pass for the apply pass, so while the stats pass runs the input and
-    that output are both held, and in the apply pass that output and the layer's output."""
+    input (c at R^2; the graph segments overwrite it with the ConvNeXt block's output, the same shape), the cost
+    guidance it projects from (P at the 1/32 grid, then g at R^2), and its output (d at (2R)^2; the last layer's
+    is one score map). Layer 1's input and guidance are the pre-CER outputs, so the pre-CER part holds no more."""
     side = int(sed["input_size"]) // 32
     dims = [int(sed["hidden_dims"]), *(int(d) for d in sed["decoder_dims"])]
     guid = [num_templates, *(int(g) for g in sed["decoder_guidance_proj_dims"])]
@@ -70,15 +70,18 @@ def held_elements(sed: Mapping[str, Any], num_templates: int, keeps_block: bool 
         grid = side * 2**i
         inp, guidance = dims[i] * grid * grid, guid[i] * grid * grid
         out = (1 if i == 2 else dims[i + 1]) * (2 * grid) ** 2
-        held.append(float(max(2 * inp, inp + out) + guidance if keeps_block else inp + guidance + out))
+        held.append(float(inp + guidance + out))
     return held[0], held[1], held[2]
 
 
 # What a class-chunked decoder holds for every class is plain fp32 arrays (torch tensors, or numpy arrays between
-# the ONNX Runtime segments), counted at torch's factor; one chunk's working set runs at the backend's factor,
-# for ONNX Runtime the arena-less one (the chunked segments' sessions have no arena).
+# the graph segments), counted at torch's factor; one chunk's working set has its own factor per backend. Fitted
+# on sed-b, every class kept, N = 459 and 847 in chunks of 49-101 (benchmarks/results/cpu-sed-b-chunked-backends,
+# two unknowns from two runs per backend): held 4.8 / 4.6 / 7.6 and working set 5.8 / 5.2 / 6.7 bytes per element
+# for torch / ONNX Runtime (no arena) / OpenVINO. OpenVINO's compiled segments keep memory beyond that model (its
+# excess over held data at 4.8 is 8.3-11.9 bytes per working-set element), so its upper end is used there.
 CHUNKED_BYTES_PER_ELEMENT = BYTES_PER_ELEMENT["torch"]
-CHUNK_WORKING_SET = {"torch": "torch", "ort": "ort-low-memory", "ort-low-memory": "ort-low-memory"}
+CHUNK_WORKING_SET_BYTES = {"torch": 6.0, "ort": 5.5, "ort-low-memory": 5.5, "openvino": 12.0}
 
 
 @dataclass(frozen=True)
@@ -93,23 +96,25 @@ class DecoderMemory:
     held_pre_bytes_per_class: float = 0.0
     held_bytes_per_class: tuple[float, float, float] = (0.0, 0.0, 0.0)
     chunk_bytes_per_class: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    chunk_pre_bytes_per_class: float = 0.0
 
     @classmethod
     def from_settings(cls, sed: Mapping[str, Any], num_templates: int, backend: str) -> DecoderMemory:
         factor = BYTES_PER_ELEMENT[backend]
-        chunk_factor = BYTES_PER_ELEMENT[CHUNK_WORKING_SET.get(backend, backend)]
+        chunk_factor = CHUNK_WORKING_SET_BYTES[backend]
         pre, layers = decoder_elements(sed, num_templates)
-        keeps_block = backend.startswith("ort")
-        held = tuple(h * CHUNKED_BYTES_PER_ELEMENT for h in held_elements(sed, num_templates, keeps_block))
+        held = tuple(h * CHUNKED_BYTES_PER_ELEMENT for h in held_elements(sed, num_templates))
         return cls(pre * factor, (layers[0] * factor, layers[1] * factor, layers[2] * factor), backend,
                    pre * CHUNKED_BYTES_PER_ELEMENT, (held[0], held[1], held[2]),
-                   (layers[0] * chunk_factor, layers[1] * chunk_factor, layers[2] * chunk_factor))
+                   (layers[0] * chunk_factor, layers[1] * chunk_factor, layers[2] * chunk_factor), pre * chunk_factor)
 
     def chunked_peak_bytes(self, num_classes: int, chunk: int, kept: Sequence[int] | None = None) -> float:
-        """Peak of the class-chunked decoder: what it holds for every alive class plus one chunk's working set."""
+        """Peak of the class-chunked decoder: what it holds for every alive class plus one chunk's working set,
+        at the stage where that is largest (the pre-CER pass or one of the layers)."""
         counts = _kept_counts(num_classes, kept)
-        return self.held_pre_bytes_per_class * num_classes + max(
-            h * k + b * min(chunk, k) for h, b, k in zip(self.held_bytes_per_class, self.chunk_bytes_per_class, counts))
+        pre = self.held_pre_bytes_per_class * num_classes + self.chunk_pre_bytes_per_class * min(chunk, num_classes)
+        return max(pre, *(h * k + b * min(chunk, k)
+                          for h, b, k in zip(self.held_bytes_per_class, self.chunk_bytes_per_class, counts)))
 
     def peak_bytes(self, num_classes: int, kept: Sequence[int] | None = None) -> float:
         """Peak added by one image: N classes before CER, `kept[i]` through layer i (None: every class)."""

@@ -19,7 +19,13 @@ ort = need("onnxruntime")
 need("onnx")
 
 from sed_runtime.backends.base import expand_rows  # noqa: E402
-from sed_runtime.chunked_decoder import CHUNKED_DIR, ort_chunked_segments, run_chunked_decoder, segment_file  # noqa: E402
+from sed_runtime.chunked_decoder import (  # noqa: E402
+    CHUNKED_DIR,
+    chunk_spans,
+    ort_chunked_segments,
+    run_chunked_decoder,
+    segment_file,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -54,13 +60,13 @@ def graphs(tmp_path_factory):
     text = np.concatenate([text, text[::-1][:10] * 0.9 + 0.01]).astype(np.float32)
     decoder = ort.InferenceSession(str(root / "decoder.onnx"), providers=["CPUExecutionProvider"])
     reference = {k: decoder.run(None, {**features, "text": text, "k": np.array([k], np.int64)}) for k in (1, 2, 8, N)}
-    return ort_chunked_segments(root), features, text, reference
+    return ort_chunked_segments(root), features, text, reference, root
 
 
 @pytest.mark.parametrize("chunk", [1, 7, N - 1, N, N + 5])
 @pytest.mark.parametrize("k", [1, 2, 8, N], ids=["k=1", "k=2", "k=8", "k=all"])
 def test_chunked_segments_equal_the_one_graph_decoder(graphs, chunk, k):
-    segments, features, text, reference = graphs
+    segments, features, text, reference, _ = graphs
     scores, *kept = reference[k]
     probs, alive, got_kept = run_chunked_decoder(segments, features, text, k, chunk)
     assert float(np.abs(expand_rows(probs, alive, N) - scores).max()) <= 1e-5
@@ -70,17 +76,61 @@ def test_chunked_segments_equal_the_one_graph_decoder(graphs, chunk, k):
         assert len(kept[0]) < N  # CER rejected classes, so the gathers between chunks ran
 
 
-def test_ort_backend_decodes_in_chunks_with_the_same_segmentation():
+@pytest.mark.parametrize("fixed", [False, True], ids=["any-size", "fixed-sizes"])
+def test_chunk_spans_cover_the_classes_in_few_shapes(fixed):
+    sizes: set[int] = set()
+    for total in range(1, 200):
+        spans = chunk_spans(total, 24, fixed)
+        assert [s for s, _ in spans] == list(np.cumsum([0] + [n for _, n in spans[:-1]]))
+        assert sum(n for _, n in spans) == total and all(1 <= n <= 24 for _, n in spans)
+        sizes |= {n for _, n in spans}
+    if fixed:  # 24 and the powers of two below it, whatever the class count
+        assert sizes == {24, 16, 8, 4, 2, 1}
+    else:  # one remainder per count
+        assert sizes == set(range(1, 25))
+    assert chunk_spans(0, 8, fixed) == []
+
+
+@pytest.mark.parametrize("k", [1, 8, N], ids=["k=1", "k=8", "k=all"])
+def test_openvino_chunked_segments_equal_the_one_graph_decoder(graphs, k):
+    """The same segments on OpenVINO, compiled with a dynamic class axis or for a few static chunk sizes (chunks
+    of 7 at N = 34 with CER: 7 and powers of two below it), give the one-graph decoder's scores and kept sets."""
+    ov = need("openvino")
+    from sed_runtime.backends.openvino_backend import OpenVinoSegments
+
+    _, features, text, reference, root = graphs
+    scores, *kept = reference[k]
+    for static in (False, True):
+        segments = OpenVinoSegments(ov.Core(), root, {"INFERENCE_PRECISION_HINT": "f32"}, static=static)
+        probs, alive, got_kept = run_chunked_decoder(segments, features, text, k, 7)
+        assert float(np.abs(expand_rows(probs, alive, N) - scores).max()) <= 1e-5
+        assert [g.tolist() for g in got_kept] == [w.tolist() for w in kept]
+        rows = {r for _, r in segments.compiled}  # None: a program with the class axis dynamic, or none (skips)
+        assert rows - {None} <= {7, 4, 2, 1} if static else rows == {None}, rows
+
+
+def _graph_backend(name: str):
+    if name == "ort":
+        from sed_runtime.backends.ort_backend import OrtBackend
+
+        return OrtBackend(DEMO_BUNDLE)
+    need("openvino")
+    from sed_runtime.backends.openvino_backend import OpenVinoBackend
+
+    return OpenVinoBackend(DEMO_BUNDLE)
+
+
+@pytest.mark.parametrize("backend_name", ["ort", "openvino"])
+def test_graph_backends_decode_in_chunks_with_the_same_segmentation(backend_name):
     """The demo bundle (fp16) through the pipeline: chunked and one-graph give the same kept classes and, up to
     fp16 rounding (the chunked layer sums its concat convolution in another order), the same label map."""
-    from sed_runtime.backends.ort_backend import OrtBackend
     from sed_runtime.pipeline import SedPipeline
     from sed_runtime.scenes import generate_scene
     from sed_runtime.vocab import load_vocabulary
 
     vocab = load_vocabulary("shapes")
-    one = SedPipeline(OrtBackend(DEMO_BUNDLE), vocab, topk=8, progress=False)
-    backend = OrtBackend(DEMO_BUNDLE)
+    one = SedPipeline(_graph_backend(backend_name), vocab, topk=8, progress=False)
+    backend = _graph_backend(backend_name)
     backend.class_chunk = 5
     chunked = SedPipeline(backend, vocab, topk=8, progress=False)
     agree = total = 0
@@ -94,11 +144,15 @@ def test_ort_backend_decodes_in_chunks_with_the_same_segmentation():
     assert backend.describe()["decoder"] == "class-chunked, 5 classes per step"
 
 
-def test_sed_run_chunks_the_ort_decoder_under_a_memory_budget(tmp_path):
-    """A budget that one pass over ade150 would exceed (about 1.5 GiB predicted): sed-run says so and decodes in
-    chunks instead."""
+@pytest.mark.parametrize("backend_name", ["ort", "openvino"])
+def test_sed_run_chunks_the_decoder_under_a_memory_budget(tmp_path, backend_name):
+    """A budget that one pass over ade150 would exceed (about 1.5 GiB predicted on ORT, 0.7 on OpenVINO): sed-run
+    says so and decodes in chunks instead."""
+    if backend_name == "openvino":
+        need("openvino")
+    budget = "1.0" if backend_name == "ort" else "0.5"
     r = subprocess.run([str(BIN / "sed-run"), "infer", str(DEMO_BUNDLE), str(ROOT / "examples/images/shapes.jpg"),
-                        "--vocab", "ade150", "--topk", "all", "--backend", "ort", "--max-memory", "1.0",
+                        "--vocab", "ade150", "--topk", "all", "--backend", backend_name, "--max-memory", budget,
                         "--out", str(tmp_path), "--no-progress"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "classes at a time" in r.stdout + r.stderr

@@ -74,7 +74,7 @@ class OrtBackend(Backend):
         n = text.shape[0]
         k = n if topk is None else min(topk, n)
         if self.class_chunk is not None and not self.extra_decoder_inputs:
-            return self._decode_chunked(features, text, topk, k, self.class_chunk)
+            return self._decode_chunked(features, text, topk, self.class_chunk)
         t0 = time.perf_counter()
         scores, *kept = self.decoder.run(None, {
             **features.data, "text": np.ascontiguousarray(text, dtype=np.float32),
@@ -85,22 +85,14 @@ class OrtBackend(Backend):
             timings_ms={"decoder": (time.perf_counter() - t0) * 1e3},
         )
 
-    def _decode_chunked(self, features: ImageFeatures, text: np.ndarray, topk: int | None, k: int,
-                        chunk: int) -> BackendResult:
-        from ..chunked_decoder import PRE, ort_chunked_segments, run_chunked_decoder
+    def _decode_chunked(self, features: ImageFeatures, text: np.ndarray, topk: int | None, chunk: int
+                        ) -> BackendResult:
+        from ..chunked_decoder import decode_chunked, ort_chunked_segments, require_chunked_graphs
 
-        if PRE not in self.bundle.manifest["graphs"]:
-            raise SedUserError(f"{self.bundle.root} has no class-chunked decoder graphs (built before they existed); "
-                               "rebuild it with `sed-export build`, or give more memory (--max-memory)")
+        require_chunked_graphs(self.bundle.manifest, self.bundle.root)
         if self._chunked is None:
             self._chunked = ort_chunked_segments(self.bundle.root, self.providers, self.threads)
-        t0 = time.perf_counter()
-        probs, alive, kept = run_chunked_decoder(self._chunked, features.data,
-                                                 np.ascontiguousarray(text, dtype=np.float32), k, chunk,
-                                                 cer_select=self.cer_select)
-        return BackendResult(scores=probs, rows=alive.astype(np.int32),
-                             kept=None if topk is None else [x.astype(np.int32) for x in kept],
-                             timings_ms={"decoder": (time.perf_counter() - t0) * 1e3})
+        return decode_chunked(self._chunked, features.data, text, topk, chunk, self.cer_select)
 
     def describe(self) -> dict[str, Any]:
         return {
