@@ -52,8 +52,9 @@ def infer(
     backend: Annotated[
         str,
         typer.Option(
-            help="auto (trt for a bundle with TensorRT plans on a GPU with TensorRT, ort for other bundles, torch "
-            "otherwise), ort, openvino (CPU; pip install 'sed-deploy\\[openvino]'), trt or torch."
+            help="auto (trt for a bundle with TensorRT plans on a GPU with TensorRT; else openvino for a bundle "
+            "where it is installed, ort with --low-memory or GPU providers or without openvino; torch otherwise), "
+            "ort, openvino (CPU; pip install 'sed-deploy\\[openvino]'), trt or torch."
         ),
     ] = "auto",
     device: Annotated[str, typer.Option(help="Torch device for --backend torch (cpu, cuda).")] = "cpu",

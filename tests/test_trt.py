@@ -568,7 +568,11 @@ def test_rtx_bundle_runs_with_ort_when_no_gpu_and_resolves_from_a_plan(rtx_bundl
             env=env)
     assert r.returncode == 0, r.stderr
     assert "no CUDA GPU" in r.stderr
-    assert json.loads((tmp_path / "astronaut.json").read_text())["backend"] == "ort"
+    from sed_runtime.backends import openvino_installed
+
+    cpu_backend = "openvino" if openvino_installed() else "ort"  # what auto runs a bundle with on the CPU
+    assert json.loads((tmp_path / "astronaut.json").read_text())["backend"] == cpu_backend
+    assert f"(--backend {cpu_backend})" in r.stderr
 
 
 @pytest.mark.tensorrt

@@ -12,8 +12,13 @@ would otherwise pick bf16 on its own); `bf16` asks for bf16 where the CPU suppor
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,28 @@ from .base import Backend, BackendResult, ImageFeatures, InputSpec
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 KEEP_COMPILED = 3  # decoders compiled for this many class counts stay loaded
+
+
+class _Held:
+    text = ""
+
+
+@contextlib.contextmanager
+def _native_stderr_held() -> Iterator[_Held]:
+    """Hold what native code writes to file descriptor 2 (OpenVINO's ONNX reader logs through absl on a graph it
+    cannot parse, before raising) so a refusal stays one line; the caller replays it when loading succeeded."""
+    held = _Held()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield held
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            held.text = sink.read().decode(errors="replace")
 
 
 CLASS_AXIS_INPUTS = ("text", "x", "y", "cg")  # the chunked segments' inputs whose first axis is the class chunk
@@ -115,11 +142,14 @@ class OpenVinoBackend(Backend):
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
-            self.encoder = self.core.compile_model(str(self.bundle.path("encoder")), "CPU", self.config)
-            self._decoder_model = self.core.read_model(str(self.bundle.path("decoder")))
+            with _native_stderr_held() as held:
+                self.encoder = self.core.compile_model(str(self.bundle.path("encoder")), "CPU", self.config)
+                self._decoder_model = self.core.read_model(str(self.bundle.path("decoder")))
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise SedUserError(f"OpenVINO cannot load this bundle's graphs ({first}); rebuild the bundle") from None
+        if held.text:  # it loaded: what its native libraries printed is worth seeing
+            sys.stderr.write(held.text)
         self._decoders: OrderedDict[int, Any] = OrderedDict()
         self.compile_ms: dict[int, float] = {}
         self.text_path = BundleText(self.bundle)
