@@ -172,13 +172,13 @@ def _put_rows(rows: torch.Tensor | None, total: int, start: int, part: torch.Ten
     return rows
 
 
-def _by_chunks(total: int, chunk: int, fn: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
-    """fn(start, end) for each class chunk, gathered into one tensor allocated once."""
-    rows = None
-    for s in range(0, total, chunk):
-        rows = _put_rows(rows, total, s, fn(s, min(s + chunk, total)))
-    assert rows is not None
-    return rows
+def _map_chunks(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, chunk: int) -> torch.Tensor:
+    """fn over `rows` a class chunk at a time, gathered into one tensor allocated once."""
+    out = None
+    for s in range(0, rows.shape[0], chunk):
+        out = _put_rows(out, rows.shape[0], s, fn(rows[s : s + chunk]))
+    assert out is not None
+    return out
 
 
 class ChunkedUp:
@@ -431,7 +431,7 @@ class SedDecoder(nn.Module):
         with timer("cost_volume"):
             corr = self.cost_volume(dense, text)
             num_classes = corr.shape[0]
-            x = _by_chunks(num_classes, chunk, lambda s, e: self.conv1(corr[s:e]))
+            x = _map_chunks(self.conv1, corr, chunk)
             skips = [proj(g) for proj, g in zip(self.decoder_guidance_projection, guidance)]
         alive = torch.arange(num_classes, device=x.device)
         kept: list[torch.Tensor] = []
@@ -440,11 +440,7 @@ class SedDecoder(nn.Module):
         for i, layer in enumerate(layers):
             if topk is not None:
                 with timer(f"cer{i}"):
-                    def aux_rows(s: int, e: int, head: nn.Module = aux_heads[i], rows: torch.Tensor = x
-                                 ) -> torch.Tensor:
-                        return head(rows[s:e])[:, 0]
-
-                    aux = _by_chunks(x.shape[0], chunk, aux_rows)
+                    aux = _map_chunks(aux_heads[i], x, chunk)[:, 0]
                     keep = self.select_classes(aux, topk)
                     if cer_select is not None:
                         keep = cer_select(i, aux, keep)

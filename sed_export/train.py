@@ -423,16 +423,17 @@ def run_training(
     weights = out / f"{config.name}.safetensors"
     if weights.exists() and not force:
         raise SedUserError(f"{out} already holds a finished run ({weights.name}); pass --force to train again into it")
-    init_card = None
+    init_card = init_sha256 = None
     if init is not None:
         if not init.is_file():
             raise SedUserError(f"--init {init} is not a file; pass the weights (.safetensors or .pth) to fine-tune")
         text_steps = visual_steps = 0  # the towers come from the init weights
-        init_card = _card_beside(init)
+        init_sha256 = file_sha256(init)
+        init_card = _card_beside(init, init_sha256)
     settings = TrainSettings(steps=steps, lr=lr, seed=seed, data_seed=data_seed, warmup_steps=warmup_steps,
                              checkpoint_every=checkpoint_every, threads=threads, text_steps=text_steps,
                              visual_steps=visual_steps, data_offset=data_offset,
-                             init_sha256=None if init is None else file_sha256(init))
+                             init_sha256=init_sha256)
     if restart and (out / RESUME_FILE).exists():
         (out / RESUME_FILE).unlink()
     t0 = time.perf_counter()
@@ -475,13 +476,13 @@ def run_training(
     print(f"weights {weights} ({weights.stat().st_size / 1e6:.1f} MB), model card {out / CARD}")
 
 
-def _card_beside(weights: Path) -> dict[str, Any] | None:
+def _card_beside(weights: Path, sha256: str) -> dict[str, Any] | None:
     """The model card written with `weights` (shipped `<name>.card.json`, or a run folder's model_card.json),
-    reduced to what reproduces them; None when there is none or it describes other weights."""
+    reduced to what reproduces them; None when there is none or it describes other weights than `sha256`."""
     for card_path in (weights.with_suffix(".card.json"), weights.parent / CARD):
         if card_path.is_file():
             card = json.loads(card_path.read_text())
-            if card.get("sha256") == file_sha256(weights):
+            if card.get("sha256") == sha256:
                 keep = ("weights", "sha256", "data", "recipe", "init_card", "train_seconds", "eval")
                 return {k: card[k] for k in keep if k in card}
     return None

@@ -76,10 +76,12 @@ def held_elements(sed: Mapping[str, Any], num_templates: int) -> tuple[float, fl
 
 # What a class-chunked decoder holds for every class is plain fp32 arrays (torch tensors, or numpy arrays between
 # the graph segments), counted at torch's factor; one chunk's working set has its own factor per backend. Fitted
-# on sed-b, every class kept, N = 459 and 847 in chunks of 49-101 (benchmarks/results/cpu-sed-b-chunked-backends,
-# two unknowns from two runs per backend): held 4.8 / 4.6 / 7.6 and working set 5.8 / 5.2 / 6.7 bytes per element
-# for torch / ONNX Runtime (no arena) / OpenVINO. OpenVINO's compiled segments keep memory beyond that model (its
-# excess over held data at 4.8 is 8.3-11.9 bytes per working-set element), so its upper end is used there.
+# on sed-b, every class kept, N = 459 and 847 (two unknowns from two runs per backend) with
+# benchmarks/chunked_decoder.py: a first run in chunks of 49-101 gave held 4.8 / 4.6 / 7.6 and working set
+# 5.8 / 5.2 / 6.7 bytes per element for torch / ONNX Runtime (no arena) / OpenVINO; the committed rerun with these
+# factors (benchmarks/results/cpu-sed-b-chunked-backends, chunks of 23-88) gives 4.6 / 5.1 / 8.0 and
+# 6.5 / 4.5 / 7.7. OpenVINO's compiled segments keep memory beyond this model (its excess over held data at 4.8
+# was 8.3-11.9 bytes per working-set element), so its upper end is used, and it still under-predicts A-847.
 CHUNKED_BYTES_PER_ELEMENT = BYTES_PER_ELEMENT["torch"]
 CHUNK_WORKING_SET_BYTES = {"torch": 6.0, "ort": 5.5, "ort-low-memory": 5.5, "openvino": 12.0}
 

@@ -92,7 +92,19 @@ def run_split_decoder(
     return expand_rows(probs, alive, num_classes), kept
 
 
-class OrtSegments:
+class HostCer:
+    """The CER step of an executor whose segment outputs are host numpy arrays: the numpy ranking rule, and
+    nothing to copy back."""
+
+    def topk_union(self, aux: Any, k: int) -> tuple[Any, np.ndarray]:
+        keep = topk_union_reference(np.asarray(aux), k)
+        return keep, keep
+
+    def to_host(self, tensor: Any) -> np.ndarray:
+        return np.asarray(tensor)
+
+
+class OrtSegments(HostCer):
     """The reference `SegmentExecutor`: ONNX Runtime on the CPU and the numpy ranking rule between segments.
 
     It checks the split graphs against the one-graph decoder on any machine; the TensorRT backend runs the
@@ -118,10 +130,3 @@ class OrtSegments:
     def run(self, segment: str, feeds: Mapping[str, Any]) -> Mapping[str, Any]:
         names = self.outputs(segment)
         return dict(zip(names, self.sessions[segment].run(list(names), dict(feeds))))
-
-    def topk_union(self, aux: Any, k: int) -> tuple[Any, np.ndarray]:
-        keep = topk_union_reference(np.asarray(aux), k)
-        return keep, keep
-
-    def to_host(self, tensor: Any) -> np.ndarray:
-        return np.asarray(tensor)

@@ -28,6 +28,7 @@ from ..bundle import Bundle
 from ..bundle_text import BundleText
 from ..errors import SedUserError
 from ..memory import DecoderMemory
+from ..split_decoder import HostCer
 from ..vocab import Vocabulary
 from .base import Backend, BackendResult, ImageFeatures, InputSpec
 
@@ -60,7 +61,7 @@ def _native_stderr_held() -> Iterator[_Held]:
 CLASS_AXIS_INPUTS = ("text", "x", "y", "cg")  # the chunked segments' inputs whose first axis is the class chunk
 
 
-class OpenVinoSegments:
+class OpenVinoSegments(HostCer):
     """The class-chunked decoder's `SegmentExecutor` on OpenVINO.
 
     By default each segment is compiled once with its class axis dynamic (sed-tiny, N = 40 and 100, chunks of
@@ -111,15 +112,6 @@ class OpenVinoSegments:
         self._last = program
         out = program({name: np.ascontiguousarray(v) for name, v in feeds.items()})
         return {name: out[name] for name in segment_outputs(segment)}
-
-    def topk_union(self, aux: Any, k: int) -> tuple[Any, np.ndarray]:
-        from ..topk_union_rule import topk_union_reference
-
-        keep = topk_union_reference(np.asarray(aux), k)
-        return keep, keep
-
-    def to_host(self, tensor: Any) -> np.ndarray:
-        return np.asarray(tensor)
 
 
 class OpenVinoBackend(Backend):
