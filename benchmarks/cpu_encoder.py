@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from sed_bench.measure import machine_info, versions
     from sed_bench.report import write_script_report
     from sed_export.bundle import build_bundle
+    from sed_export.calibration import CalibrationRequest
     from sed_runtime.backends.openvino_backend import OpenVinoBackend
     from sed_runtime.backends.ort_backend import OrtBackend
     from sed_runtime.backends.torch_backend import TorchBackend
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (path / "manifest.json").is_file():
             t0 = time.perf_counter()
             build_bundle(args.model, vocab, path, precision=precision, force=True, progress=False,
-                         calibration=("shapes", args.calib_images, 0, "cpu") if precision == "int8" else None,
+                         calibration=CalibrationRequest("shapes", args.calib_images) if precision == "int8" else None,
                          log=lambda *_: None)
             print(f"built {path} in {time.perf_counter() - t0:.0f} s", flush=True)
         bundles[precision] = path

@@ -35,7 +35,9 @@ def main(
     model: Annotated[str, typer.Option(help="Built-in model or model JSON file (without a bundle).")] = "sed-tiny",
     checkpoint: Annotated[Optional[Path], typer.Option(help="Official checkpoint (random weights otherwise).")] = None,
     backend: Annotated[str, typer.Option(
-        help="torch, ort, trt (a bundle with TensorRT plans), or several: torch,ort.")] = "torch",
+        help="torch, ort, openvino, trt (a bundle with TensorRT plans), or several: torch,ort. Variants: ort:int8, "
+             "openvino:int8 (encoder calibrated with --calib), openvino:bf16 (bf16 inference), openvino:int8+bf16."
+    )] = "torch",
     vocabs: Annotated[str, typer.Option(help="Comma-separated built-in names or class-list files.")] = "voc20",
     topk: Annotated[str, typer.Option(help="Comma-separated k values; 'all' = every class, no CER.")] = "1,2,4,8,all",
     images: Annotated[Optional[str], typer.Option(
@@ -61,7 +63,14 @@ def main(
         help="Decoder memory budget in GiB (its working set, beyond what the process holds): a cell whose one-pass "
              "decoder is predicted to exceed it runs class-chunked (torch, ort); the report says with what chunk.")] = (
         None),
-    work: Annotated[Path, typer.Option(help="Cache folder for ONNX graphs exported for --backend ort.")] = Path(
+    calib: Annotated[str, typer.Option(
+        help="int8 variants without a bundle: calibration images, a folder or 'shapes' (generated scenes).")] = (
+        "shapes"),
+    calib_images: Annotated[int, typer.Option(min=1, help="int8 variants: images drawn for calibration.")] = 8,
+    calib_seed: Annotated[int, typer.Option(help="int8 variants: seed of the calibration draw.")] = 0,
+    calib_method: Annotated[str, typer.Option(help="int8 variants: minmax, entropy or percentile ranges.")] = "minmax",
+    work: Annotated[Path, typer.Option(
+        help="Cache folder for the ONNX graphs exported (and calibrated) for ort/openvino without a bundle.")] = Path(
         "engines/bench"),
     out: Annotated[Optional[Path], typer.Option(
         help="Report folder (report.md, cells.csv, results.json, png).")] = None,
@@ -74,9 +83,16 @@ def main(
     from sed_runtime.cli_common import expand_images
     from sed_runtime.errors import SedUserError
 
-    from .grid import build_grid, parse_backends, parse_kept, parse_topks, parse_vocabs
+    from .grid import backend_kind, backend_variants, build_grid, parse_backends, parse_kept, parse_topks, parse_vocabs
 
     backends = parse_backends(backend)
+    kinds = {backend_kind(b) for b in backends}
+    int8 = [b for b in backends if "int8" in backend_variants(b)]
+    if int8 and bundle is not None:
+        raise SedUserError(f"--backend {int8[0]} calibrates bench graphs of --model; with a BUNDLE, benchmark an int8 "
+                           "bundle (`sed-export build --precision int8`) as plain ort/openvino")
+    if int8 and calib != "shapes" and not Path(calib).is_dir():
+        raise SedUserError(f"--calib {calib}: not a folder; pass a folder of images or 'shapes'")
     ks = parse_topks(topk)
     kept_spec = parse_kept(kept)
     if text not in ("real", "synthetic"):
@@ -100,6 +116,10 @@ def main(
         if out.exists() and not force:
             raise SedUserError(f"{out} already exists; pass --force to overwrite or choose another --out")
 
+    from sed_export.calibration import METHODS, CalibrationRequest
+
+    if calib_method not in METHODS:
+        raise SedUserError(f"--calib-method must be one of {', '.join(METHODS)}, got {calib_method!r}")
     from .report import console_summary, finalize, write_reports
     from .runner import BenchConfig, run_bench
 
@@ -108,13 +128,16 @@ def main(
         bundle=bundle, text=text, kept_spec=kept_spec, warmup=warmup, iters=iters, device=device,
         providers=providers, precision=precision, threads=threads, ort_profile=ort_profile, low_memory=low_memory,
         max_rss_gb=max_rss_gb, max_memory_gb=max_memory, work=work, allow_pickle=allow_pickle,
+        calibration=CalibrationRequest(calib, calib_images, calib_seed, method=calib_method),
     )
     argv = ["sed-bench"] + ([str(bundle)] if bundle else []) + (["--model", model] if bundle is None else [])
     opts = {"--checkpoint": checkpoint, "--backend": ",".join(backends), "--vocabs": vocabs, "--topk": topk,
             "--images": images, "--warmup": warmup, "--iters": iters, "--kept": kept, "--text": text,
-            "--device": device if "torch" in backends else None,
-            "--providers": providers if "ort" in backends else None,
-            "--precision": precision if "torch" in backends or ("ort" in backends and bundle is None) else None,
+            "--device": device if "torch" in kinds else None,
+            "--providers": providers if "ort" in kinds else None,
+            "--precision": precision if "torch" in kinds or (kinds & {"ort", "openvino"} and bundle is None) else None,
+            "--calib": calib if int8 else None, "--calib-images": calib_images if int8 else None,
+            "--calib-seed": calib_seed if int8 else None, "--calib-method": calib_method if int8 else None,
             "--threads": threads,
             "--max-rss-gb": max_rss_gb, "--max-memory": max_memory, "--out": out}
     for flag, value in opts.items():

@@ -46,7 +46,8 @@ def main(
     checkpoint: Annotated[Optional[Path], typer.Option(
         help="Checkpoint (default: the model's shipped weights).")] = None,
     backend: Annotated[str, typer.Option(help="torch, ort, openvino, trt, auto, or several side by side: torch,ort "
-                                         "(the first is the reference for seg agreement).")] = "auto",
+                                         "(the first is the reference for seg agreement); openvino:bf16 runs "
+                                         "OpenVINO with bf16 inference.")] = "auto",
     precision: Annotated[str, typer.Option(help="Torch backend precision: fp32 or fp16 (autocast).")] = "fp32",
     vocab: Annotated[Optional[str], typer.Option(help="Vocabulary (default: shapes for generated data, else the "
                                                  "bundle's).")] = None,
@@ -126,6 +127,8 @@ def main(
                 label = f"torch {precision}"
             else:
                 label = f"{engine.name} {Bundle.open(target, verify=False).manifest['precision']}"
+                if getattr(engine, "precision", "fp32") != "fp32":  # openvino:bf16
+                    label += f" ({engine.precision} inference)"  # type: ignore[attr-defined]
                 if label in pipelines:
                     label = f"{label} ({target.name})"
             _check_memory(engine, len(vocabulary), topks)

@@ -13,9 +13,12 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sed_runtime.bundle import FORMAT, MANIFEST, sha256_file
+
+if TYPE_CHECKING:
+    from sed_export.calibration import CalibrationRequest
 
 _EXPORT_SOURCES = ("onnx_export.py", "onnx_chunked.py", "onnx_cer.py", "decoder.py", "encoder.py", "model.py",
                    "cer.py")
@@ -87,4 +90,51 @@ def bench_graphs(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"exported in {time.perf_counter() - t0:.1f} s")
+    return folder
+
+
+def bench_int8_graphs(
+    fp32_folder: Path, calibration: CalibrationRequest, *, log: Callable[[str], None] = print,
+) -> Path:
+    """The folder of `bench_graphs` with its encoder replaced by the static int8 QDQ encoder of
+    `sed-export build --precision int8` (the decoder graphs are linked, not copied), calibrated as asked and cached
+    under a key that includes the image list's hash and the method."""
+    import os
+    import shutil
+
+    from sed_export import calibration as cal
+    from sed_export.bundle import building, files_record
+    from sed_runtime.bundle import Bundle
+
+    manifest = json.loads((fp32_folder / MANIFEST).read_text())
+    c = calibration
+    calib = cal.calibration_set(c.source, c.images, c.seed)
+    folder = fp32_folder.with_name(f"{fp32_folder.name}-int8-{c.flavour}-{c.method}-{calib.digest[:10]}")
+    if (folder / MANIFEST).is_file():
+        return folder
+    log(f"calibrating an int8 encoder on {c.images} images from {c.source} into {folder} ...")
+    t0 = time.perf_counter()
+    spec = Bundle.open(fp32_folder).input_spec
+    checkpoint = manifest["weights"].get("checkpoint_sha256")
+    tensors, cached = cal.calibration_tensors(manifest["model"]["name"], checkpoint, spec, calib)
+    ranges = cal.ranges_cache_path(cal.cache_key(manifest["model"]["name"], checkpoint, spec, calib),
+                                   fp32_folder / "encoder.onnx", c.method, c.flavour)
+    with building(folder) as tmp:
+        record = cal.quantize_encoder(fp32_folder / "encoder.onnx", tmp / "encoder.onnx", tensors, c.flavour,
+                                      c.method, ranges_cache=ranges)
+        record.pop("ranges")
+        for rel in manifest["files"]:
+            if rel == "encoder.onnx":
+                continue
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(fp32_folder / rel, tmp / rel)
+            except OSError:
+                shutil.copy2(fp32_folder / rel, tmp / rel)
+        record["calibration"] = {"source": calib.source, "images": len(calib.names), "seed": c.seed,
+                                 "image_list_sha256": calib.digest}
+        manifest.update(precision="int8", quantization=record, files=files_record(tmp))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    log(f"calibrated and quantized in {time.perf_counter() - t0:.1f} s"
+        f"{' (preprocessed images from the cache)' if cached else ''}")
     return folder

@@ -13,7 +13,10 @@ from sed_runtime.vocab import Vocabulary, load_vocabulary
 
 from .paper import PAPER_COLUMNS, paper_kept
 
-BACKEND_CHOICES = ("torch", "ort", "trt")
+BACKEND_CHOICES = ("torch", "ort", "openvino", "trt")
+# Variants after a colon, joined by '+': `ort:int8` runs an int8 QDQ encoder; `openvino:bf16` asks OpenVINO for bf16
+# inference (where the CPU has bf16 or AMX units); `openvino:int8+bf16` both.
+BACKEND_VARIANTS = {"ort": ("int8",), "openvino": ("int8", "bf16")}
 KEPT_PAPER = "paper"
 
 
@@ -41,18 +44,39 @@ class Cell:
         return self.forced[0]
 
 
+def backend_kind(spec: str) -> str:
+    """`openvino:int8+bf16` -> `openvino`."""
+    return spec.split(":", 1)[0]
+
+
+def backend_variants(spec: str) -> tuple[str, ...]:
+    """`openvino:int8+bf16` -> ("int8", "bf16")."""
+    return tuple(spec.split(":", 1)[1].split("+")) if ":" in spec else ()
+
+
 def parse_backends(spec: str) -> list[str]:
-    """`--backend torch,ort,trt`: known backends in the given order (tensorrt is an alias of trt)."""
+    """`--backend torch,ort,ort:int8,openvino:bf16`: known backends and variants in the given order (tensorrt is
+    an alias of trt), each variant list normalised to BACKEND_VARIANTS' order."""
     names = [s.strip().lower() for s in spec.split(",") if s.strip()]
     if not names:
-        raise SedUserError("--backend needs at least one of torch, ort, trt")
+        raise SedUserError("--backend needs at least one of " + ", ".join(BACKEND_CHOICES))
     out: list[str] = []
     for name in names:
-        name = "trt" if name == "tensorrt" else name
-        if name not in BACKEND_CHOICES:
-            raise SedUserError(f"unknown --backend {name!r}; choose from {', '.join(BACKEND_CHOICES)}")
-        if name not in out:
-            out.append(name)
+        kind, colon, rest = name.partition(":")
+        kind = "trt" if kind == "tensorrt" else kind
+        if kind not in BACKEND_CHOICES:
+            raise SedUserError(f"unknown --backend {kind!r}; choose from {', '.join(BACKEND_CHOICES)}")
+        allowed = BACKEND_VARIANTS.get(kind, ())
+        wanted = [v for v in rest.split("+") if v] if rest else []
+        for v in wanted:
+            if v not in allowed:
+                raise SedUserError(f"--backend {name}: {kind} has no variant {v!r}; "
+                                   + (f"choose from {', '.join(allowed)}" if allowed else "it takes none"))
+        if colon and not wanted:
+            raise SedUserError(f"--backend {name}: name a variant after the colon, e.g. ort:int8")
+        spec_ = kind + (":" + "+".join(v for v in allowed if v in wanted) if wanted else "")
+        if spec_ not in out:
+            out.append(spec_)
     return out
 
 

@@ -229,7 +229,7 @@ def markdown(results: dict[str, Any]) -> str:
         "* Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
     ]
     for name, d in results["backends"].items():
-        keys = ("device", "providers", "low_memory", "intra_op_threads", "torch_threads", "bundle")
+        keys = ("device", "providers", "low_memory", "intra_op_threads", "torch_threads", "bundle", "int8")
         extra = {k: d[k] for k in keys if k in d}
         lines.append(f"* Backend {_backend_title(results, name)}: weights {d.get('weights')}; "
                      + "; ".join(f"{k} {val}" for k, val in extra.items()) + f"; load {d.get('load_s')} s.")

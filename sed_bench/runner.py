@@ -31,7 +31,7 @@ from sed_runtime.errors import SedUserError
 from sed_runtime.vocab import Vocabulary
 
 from . import measure
-from .grid import Cell, run_order
+from .grid import Cell, backend_kind, backend_variants, run_order
 from .paper import paper_ms
 
 MEMORY_FIT_MARGIN = 1.10  # predicted peak x this must stay under --max-rss-gb
@@ -60,6 +60,7 @@ class BenchConfig:
     max_memory_gb: float | None = None  # decoder budget: cells predicted above it run class-chunked
     work: Path = Path("engines/bench")
     allow_pickle: bool = False
+    calibration: Any = None  # int8 variants without a bundle: a sed_export.calibration.CalibrationRequest
     argv: list[str] = field(default_factory=list)
 
 
@@ -105,37 +106,52 @@ def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
 
 
 class _Backends:
-    """Builds the backends one at a time (torch first, then ort) and what each needs."""
+    """Builds the backends one at a time, in the order asked, and what each needs."""
 
     def __init__(self, cfg: BenchConfig, log: Callable[[str], None]) -> None:
         self.cfg, self.log = cfg, log
         self._text_tower: Any = None
+        self._fp32_graphs: Path | None = None
+
+    def _graphs(self, int8: bool) -> Path:
+        """The bundle, or the bench graphs exported (and for int8 calibrated) for this model."""
+        cfg = self.cfg
+        if cfg.bundle is not None:
+            return cfg.bundle
+        from .graphs import bench_graphs, bench_int8_graphs
+
+        if self._fp32_graphs is None:
+            self._fp32_graphs = bench_graphs(cfg.model, cfg.checkpoint, cfg.precision, cfg.work,
+                                             allow_pickle=cfg.allow_pickle, log=self.log)
+        return bench_int8_graphs(self._fp32_graphs, cfg.calibration, log=self.log) if int8 else self._fp32_graphs
 
     def make(self, name: str) -> Backend:
         cfg = self.cfg
-        if name == "torch":
+        kind, variants = backend_kind(name), backend_variants(name)
+        if kind == "torch":
             from sed_runtime.backends import make_backend
 
             b = make_backend("torch", bundle=cfg.bundle, model=cfg.model, checkpoint=cfg.checkpoint, device=cfg.device,
                              allow_pickle=cfg.allow_pickle, torch_precision=cfg.precision)
             b.cuda_events = True  # type: ignore[attr-defined]
             return b
-        if name == "trt":
+        if kind == "trt":
             from sed_runtime.backends import make_backend
 
             return make_backend("trt", bundle=cfg.bundle)
-        from sed_runtime.backends.ort_backend import OrtBackend
         from sed_runtime.bundle import Bundle
 
-        if cfg.bundle is not None:
-            return OrtBackend(cfg.bundle, providers=cfg.providers, threads=cfg.threads, low_memory=cfg.low_memory)
-        from .graphs import bench_graphs
+        bundle = Bundle.open(self._graphs("int8" in variants))
+        backend: Backend
+        if kind == "openvino":
+            from sed_runtime.backends.openvino_backend import OpenVinoBackend
 
-        folder = bench_graphs(cfg.model, cfg.checkpoint, cfg.precision, cfg.work, allow_pickle=cfg.allow_pickle,
-                              log=self.log)
-        backend = OrtBackend(Bundle.open(folder), providers=cfg.providers, threads=cfg.threads,
-                             low_memory=cfg.low_memory)
-        backend.bench_graphs = True  # type: ignore[attr-defined]
+            backend = OpenVinoBackend(bundle, threads=cfg.threads, precision="bf16" if "bf16" in variants else "fp32")
+        else:
+            from sed_runtime.backends.ort_backend import OrtBackend
+
+            backend = OrtBackend(bundle, providers=cfg.providers, threads=cfg.threads, low_memory=cfg.low_memory)
+        backend.bench_graphs = cfg.bundle is None  # type: ignore[attr-defined]
         return backend
 
     def text_shape(self, backend: Backend) -> tuple[int, int]:
@@ -182,6 +198,10 @@ class _Backends:
 
 
 def _precision(backend: Backend) -> str:
+    if backend.name == "openvino":
+        graphs = str(backend.bundle.manifest["precision"])  # type: ignore[attr-defined]
+        hint = str(backend.precision)  # type: ignore[attr-defined]
+        return graphs if hint == "fp32" else f"{graphs}, {hint} inference"
     if backend.name in ("ort", "trt"):
         return str(backend.bundle.manifest["precision"])  # type: ignore[attr-defined]
     return str(getattr(backend, "precision", "fp32"))
@@ -255,8 +275,12 @@ def run_bench(
             backend = maker.make(name)
             load_s = time.perf_counter() - t0
             desc = {**backend.describe(), "precision": _precision(backend), "load_s": round(load_s, 2)}
-            if name == "ort":
+            if backend_kind(name) == "ort":
                 desc["intra_op_threads"] = cfg.threads or "onnxruntime default (physical cores)"
+            q = getattr(getattr(backend, "bundle", None), "manifest", {}).get("quantization")
+            if q:
+                desc["int8"] = (f"{q['method']}, {q['quantized_nodes']}/{q['candidate_nodes']} nodes, calibrated on "
+                                f"{q['calibration']['images']} images from {q['calibration']['source']}")
             desc.update(measure.thread_info() if name == "torch" else {})
             results["backends"][name] = desc
             texts: dict[str, np.ndarray] = {}
@@ -295,12 +319,14 @@ class _CellRunner:
     def __init__(self, cfg: BenchConfig, name: str, backend: Backend, images: list[np.ndarray], bar: Any,
                  task: Any) -> None:
         self.cfg, self.name, self.backend, self.images, self.bar, self.task = cfg, name, backend, images, bar, task
+        self.kind = backend_kind(name)
+        self._forced_folder: Any = None  # a temporary folder with the forced decoder graph (OpenVINO reads files)
         self.mem_points: list[tuple[float, float]] = []  # (decoder classes, RSS increment MB)
         self.cuda = name == "torch" and str(getattr(backend, "device", "cpu")).startswith("cuda")
         self.profiler: Any = None
         self._forced_bytes: bytes | None = None
         self._forced_session: Any = None
-        if name == "ort":
+        if self.kind == "ort":
             b: Any = backend
             if cfg.ort_profile:  # time profiled twins of the decoder sessions: same options, plus the profiler
                 from .ort_profile import StageProfiler
@@ -327,21 +353,24 @@ class _CellRunner:
         forced = cell.forced if cell.topk is not None else None
         if hasattr(self.backend, "class_chunk"):
             self.backend.class_chunk = chunk  # type: ignore[attr-defined]
-        if chunk is not None and self.name == "ort":  # the chunked runner forces the survivors in numpy
+        b: Any = self.backend
+        if chunk is not None and self.kind in ("ort", "openvino"):  # the chunked runner forces survivors in numpy
             from .forcing import numpy_selector
 
-            b: Any = self.backend
-            b.decoder, b.extra_decoder_inputs = self._production, {}
+            if self.kind == "ort":
+                b.decoder = self._production
+            b.extra_decoder_inputs = {}
             b.cer_select = None if forced is None else numpy_selector(forced)
             return "chunked"
-        if self.name == "ort":
-            self.backend.cer_select = None  # type: ignore[attr-defined]
+        if self.kind in ("ort", "openvino"):
+            b.cer_select = None
+        if self.kind == "openvino":
+            return self._configure_openvino(forced)
         if self.name == "torch":
             from .forcing import torch_selector
 
             self.backend.cer_select = None if forced is None else torch_selector(forced)  # type: ignore[attr-defined]
             return ""
-        b = self.backend
         if self.name == "trt":  # run_bench refuses --kept for trt up front
             return ""
         if forced is None:
@@ -363,6 +392,27 @@ class _CellRunner:
                 opts.enable_cpu_mem_arena = not self.cfg.low_memory
                 self._forced_session = ort.InferenceSession(graph, sess_options=opts, providers=b.providers)
         b.decoder, b.extra_decoder_inputs = self._forced_session, kept_feed(forced)
+        return "forced"
+
+    def _configure_openvino(self, forced: tuple[int, int, int] | None) -> str:
+        """One-graph OpenVINO: the bundle's decoder, or the forced copy (written once to a temporary file)."""
+        from .forcing import forced_decoder_graph, kept_feed
+
+        b: Any = self.backend
+        if forced is None:
+            b.use_decoder_graph(None)
+            b.extra_decoder_inputs = {}
+            return "production"
+        if self._forced_folder is None:
+            import tempfile
+
+            import onnx
+
+            self._forced_folder = tempfile.TemporaryDirectory(prefix="sed-bench-")
+            onnx.save(forced_decoder_graph(onnx.load(str(b.bundle.path("decoder")))),
+                      str(Path(self._forced_folder.name) / "decoder-forced.onnx"))
+        b.use_decoder_graph(Path(self._forced_folder.name) / "decoder-forced.onnx")
+        b.extra_decoder_inputs = kept_feed(forced)
         return "forced"
 
     def _predicted_peak_mb(self, cell: Cell) -> float | None:
@@ -463,6 +513,10 @@ class _CellRunner:
 
     def finish(self, cells: list[dict[str, Any]]) -> None:
         """Fold the ORT profiles into this backend's cells (stage rows, marked as profiled)."""
+        if self._forced_folder is not None:
+            self.backend.use_decoder_graph(None)  # type: ignore[attr-defined]
+            self._forced_folder.cleanup()
+            self._forced_folder = None
         if self.profiler is None:
             return
         splits = self.profiler.collect()
@@ -475,6 +529,6 @@ class _CellRunner:
             for stage in sorted({s for r in runs for s in r}):
                 c["ms"][stage] = stats([r.get(stage, 0.0) for r in runs])
                 c["stage_source"][stage] = "ort-profile"
-        if self.name == "ort":
+        if self.kind == "ort":
             self.backend.decoder = self._production  # type: ignore[attr-defined]
             self.backend.extra_decoder_inputs = {}  # type: ignore[attr-defined]

@@ -24,9 +24,9 @@ from sed_runtime.errors import OutputError, SedUserError
 from sed_runtime.vocab import Vocabulary
 
 from . import __version__
+from .calibration import CalibrationRequest
 
 Log = Callable[[str], None]
-Calibration = tuple[str, int, int, str]  # int8: source (folder or "shapes"), images, seed, flavour (cpu | tensorrt)
 EngineBuild = Callable[[Path, dict[str, Any], Log], dict[str, Any]]
 
 
@@ -103,22 +103,27 @@ def building(out: Path) -> Iterator[Path]:
         raise
 
 
-def _quantized_encoder(enc: Any, tmp: Path, config: Any, weights: dict[str, Any], calibration: Calibration,
+def _quantized_encoder(enc: Any, tmp: Path, config: Any, weights: dict[str, Any], calibration: CalibrationRequest,
                        log: Log) -> dict[str, Any]:
     """Write tmp/encoder.onnx as the static-int8 QDQ version of `enc`; returns the manifest's record."""
-    from .calibration import calibration_set, calibration_tensors, quantize_encoder
+    from .calibration import cache_key, calibration_set, calibration_tensors, quantize_encoder, ranges_cache_path
     from .onnx_export import save_graph
 
-    source, count, seed, flavour = calibration
-    calib = calibration_set(source, count, seed)
+    c = calibration
+    calib = calibration_set(c.source, c.images, c.seed)
     spec = InputSpec.from_settings(config.sed)
     tensors, cached = calibration_tensors(config.name, weights.get("checkpoint_sha256"), spec, calib)
     fp32 = tmp / ".encoder-fp32.onnx"
     save_graph(enc, fp32)
-    record = quantize_encoder(fp32, tmp / "encoder.onnx", tensors, flavour)
+    ranges = ranges_cache_path(cache_key(config.name, weights.get("checkpoint_sha256"), spec, calib), fp32, c.method,
+                               c.flavour)
+    record = quantize_encoder(fp32, tmp / "encoder.onnx", tensors, c.flavour, c.method, ranges_cache=ranges,
+                              min_sqnr_db=c.min_sqnr_db)
     fp32.unlink()
-    log(f"calibration    {len(calib.names)} images from {source} (seed {seed}){', cached' if cached else ''}")
-    return {**record, "calibration": {"source": calib.source, "images": len(calib.names), "seed": seed,
+    how = record.pop("ranges")  # not in the manifest: a rebuild from the cache is the same bundle
+    log(f"calibration    {len(calib.names)} images from {c.source} (seed {c.seed}), {c.method} ranges {how}"
+        f"{', images cached' if cached else ''}")
+    return {**record, "calibration": {"source": calib.source, "images": len(calib.names), "seed": c.seed,
                                       "image_list_sha256": calib.digest, "names": list(calib.names)}}
 
 
@@ -135,7 +140,7 @@ def build_bundle(
     log: Log = print,
     engine_build: EngineBuild | None = None,
     split_decoder: bool = False,
-    calibration: Calibration | None = None,
+    calibration: CalibrationRequest | None = None,
 ) -> Path:
     """Export encoder, decoder and text encoder ONNX, the tokenizer and `vocab`'s embeddings; return `out`.
 

@@ -6,14 +6,20 @@ A calibration set is a deterministic sample of user images (`--calib DIR`) or of
 file bytes), so a changed image, checkpoint or model recalibrates and never reuses stale ranges.
 
 The encoder is where a CPU run spends its time (sed-b: about 2.8 s of a 768 x 768 image on 2 cores), so it is
-what we quantize, with ONNX Runtime's static QDQ (after `quant_pre_process`) on Conv/MatMul/Gemm only, MinMax
-ranges, S8 per-channel weights, in one of two flavours (`FLAVOURS`):
+what we quantize, with ONNX Runtime's static QDQ (after `quant_pre_process`) on Conv/MatMul/Gemm only, S8
+per-channel weights, ranges by `METHODS` (MinMax by default), in one of two flavours (`FLAVOURS`):
 - `cpu` (ONNX Runtime, OpenVINO): U8 asymmetric activations, int32 biases, as their int8 kernels want;
 - `tensorrt` (explicit quantization in a strongly typed network): S8 symmetric activations (TensorRT rejects
   non-zero zero points) and float biases (no int32 bias), the rest of the graph fp32. Not fp16: Q/DQ on fp16
   tensors needs opset 19, and the bundle's graphs are opset 18.
 The decoder stays fp32: CER ranks classes on its aux logits, and its cost is small at the paper's k. The
 manifest records all of it.
+
+Calibration runs one image at a time (ONNX Runtime's strided collection), so its memory is one image's
+activations whatever the image count; ONNX Runtime otherwise holds every image's intermediate tensors until the
+end (sed-b at 768 x 768: gigabytes per image). The ranges are cached beside the tensors (`calibration_cache_path`),
+keyed by the tensors' key, the fp32 graph's bytes, the method and the flavour, so a rebuild with the same inputs
+skips calibration inference.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,11 +41,26 @@ from sed_runtime.errors import DatasetError, SedUserError
 from sed_runtime.evaluation import IMAGE_SUFFIXES
 from sed_runtime.text_cache import default_cache_dir
 
-__all__ = ["FLAVOURS", "CalibrationSet", "calibration_set", "calibration_tensors", "quantize_encoder"]
+__all__ = ["FLAVOURS", "METHODS", "CalibrationRequest", "CalibrationSet", "calibration_set", "calibration_tensors",
+           "quantize_encoder", "ranges_cache_path"]
 
 CALIB_SCENE_SEED = 7  # generated calibration scenes: neither the training seed (0) nor sed-eval's (1000)
 OP_TYPES = ("Conv", "MatMul", "Gemm")
 FLAVOURS = ("cpu", "tensorrt")
+METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}  # --calib-method: ORT's names
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """What `sed-export build --precision int8` was asked for: where the images come from, how many, the draw's
+    seed, the Q/DQ flavour and the range method."""
+
+    source: str
+    images: int = 32
+    seed: int = 0
+    flavour: str = "cpu"
+    method: str = "minmax"
+    min_sqnr_db: float | None = None  # leave nodes whose activation input scores below this in float
 
 
 @dataclass(frozen=True)
@@ -116,43 +138,93 @@ def calibration_tensors(model_name: str, checkpoint_sha256: str | None, spec: In
 
 
 class _Reader:
-    """onnxruntime.quantization's CalibrationDataReader over the cached tensors."""
+    """onnxruntime.quantization's CalibrationDataReader over the cached tensors; `set_range` lets its strided
+    collection feed them one at a time."""
 
     def __init__(self, tensors: np.ndarray, input_name: str) -> None:
-        self._it = iter(tensors)
-        self._name = input_name
+        self._tensors, self._name = tensors, input_name
+        self.set_range(0, len(tensors))
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(self._tensors[start_index:end_index])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         x = next(self._it, None)
         return None if x is None else {self._name: x[None]}
 
 
-def quantize_encoder(fp32_path: Path, out_path: Path, tensors: np.ndarray, flavour: str = "cpu") -> dict[str, Any]:
-    """Static QDQ int8 of an fp32 encoder graph in `flavour` (see the module docstring); returns the manifest's
-    record of what was quantized."""
+def ranges_cache_path(tensors_key: str, fp32_graph: Path, method: str, flavour: str,
+                      cache_dir: Path | None = None) -> Path:
+    """Where the activation ranges of this calibration of this graph are cached."""
+    h = hashlib.sha256(fp32_graph.read_bytes()).hexdigest()[:16]
+    return (cache_dir or default_cache_dir()) / "calib" / f"{tensors_key}-{h}-{method}-{flavour}.ranges.json"
+
+
+def quantize_encoder(fp32_path: Path, out_path: Path, tensors: np.ndarray, flavour: str = "cpu",
+                     method: str = "minmax", ranges_cache: Path | None = None,
+                     min_sqnr_db: float | None = None) -> dict[str, Any]:
+    """Static QDQ int8 of an fp32 encoder graph in `flavour` with `method` ranges (see the module docstring);
+    `ranges_cache` is read when it exists and written (whole) when not. With `min_sqnr_db`, nodes whose activation
+    input scores below it (`quant_sensitivity.node_sqnr` on two calibration images) are left in float and the graph
+    is quantized again from the same ranges. Returns the manifest's record."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if flavour not in FLAVOURS:
         raise SedUserError(f"int8 flavour must be one of {', '.join(FLAVOURS)}, got {flavour!r}")
+    if method not in METHODS:
+        raise SedUserError(f"--calib-method must be one of {', '.join(METHODS)}, got {method!r}")
     trt = flavour == "tensorrt"
-    options = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False} if trt else {}
+    options: dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False} if trt \
+        else {}
+    options["CalibStridedMinMax"] = 1  # every calibrator, despite the name: one image's activations at a time
+    sensitivity: dict[str, float] = {}
+    excluded: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         model = onnx.load(str(pre))
+        input_name = model.graph.input[0].name
         candidates = [n.name for n in model.graph.node if n.op_type in OP_TYPES]
-        quantize_static(str(pre), str(out_path), _Reader(tensors, model.graph.input[0].name),
-                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=list(OP_TYPES),
-                        calibrate_method=CalibrationMethod.MinMax, extra_options=options)
+        hit = ranges_cache is not None and _valid_json(ranges_cache)
+        ranges = ranges_cache if hit else Path(tmp) / "ranges.json"  # ORT writes it; we move it in whole
+
+        def quantize(exclude: list[str]) -> None:
+            quantize_static(str(pre), str(out_path), _Reader(tensors, input_name), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=list(OP_TYPES),
+                            nodes_to_exclude=exclude, calibrate_method=getattr(CalibrationMethod, METHODS[method]),
+                            extra_options=options, calibration_cache_path=str(ranges))
+
+        quantize([])
+        if min_sqnr_db is not None:
+            from .quant_sensitivity import node_sqnr
+
+            sensitivity = node_sqnr(out_path, [{input_name: x[None]} for x in tensors[:2]], OP_TYPES)
+            excluded = sorted(n for n, db in sensitivity.items() if db < min_sqnr_db)
+            if excluded:
+                quantize(excluded)  # the ranges file written by the first pass: no second calibration
+        if ranges_cache is not None and not hit and ranges.is_file():
+            try:
+                ranges_cache.parent.mkdir(parents=True, exist_ok=True)
+                fd, part = tempfile.mkstemp(dir=ranges_cache.parent, suffix=".part")
+                os.close(fd)
+                shutil.copyfile(ranges, part)
+                os.replace(part, ranges_cache)
+            except OSError:
+                pass  # an unwritable cache only costs time next build
     q = onnx.load(str(out_path))
     dq_outputs = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     quantized = sorted(n.name for n in q.graph.node if n.op_type in OP_TYPES and set(n.input) & dq_outputs)
     return {
         "flavour": flavour,
-        "method": "onnxruntime quantize_static, QDQ, MinMax",
+        "method": f"onnxruntime quantize_static, QDQ, {METHODS[method]}",
+        "ranges": "from the cache" if hit else "calibrated",
+        "collection": "one image at a time",
         "activations": "int8 (symmetric, per tensor)" if trt else "uint8 (asymmetric, per tensor)",
         "weights": "int8 (symmetric, per channel)",
         "bias": "float (not quantized)" if trt else "int32",
@@ -161,4 +233,18 @@ def quantize_encoder(fp32_path: Path, out_path: Path, tensors: np.ndarray, flavo
         "quantized_nodes": len(quantized),
         "candidate_nodes": len(candidates),
         "not_quantized": sorted(set(candidates) - set(quantized)),
+        **({} if min_sqnr_db is None else {"sensitivity": {
+            "min_sqnr_db": min_sqnr_db, "images": min(2, len(tensors)),
+            "excluded": {n: round(sensitivity[n], 1) for n in excluded},
+            "sqnr_db": {"min": round(min(sensitivity.values()), 1) if sensitivity else None,
+                        "median": round(float(np.median(list(sensitivity.values()))), 1) if sensitivity else None}}}),
     }
+
+
+def _valid_json(path: Path) -> bool:
+    """Whether a cached ranges file can be used (a damaged one is recalibrated and replaced)."""
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False

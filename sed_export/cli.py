@@ -90,6 +90,12 @@ def build(
         help="int8 calibration images: a folder of your images, or 'shapes' for generated scenes.")] = None,
     calib_images: Annotated[int, typer.Option(help="Calibration images drawn from --calib.")] = 32,
     calib_seed: Annotated[int, typer.Option(help="Seed of the draw from --calib.")] = 0,
+    calib_method: Annotated[str, typer.Option(
+        help="int8 activation ranges: minmax, entropy or percentile (ONNX Runtime's calibrators; "
+             "benchmarks/results/cpu-sed-b-calibration says what each costs).")] = "minmax",
+    int8_min_sqnr: Annotated[Optional[float], typer.Option(
+        help="int8: leave in float every node whose activation input's quantization SQNR (dB, measured on two "
+             "calibration images) is below this; the manifest lists them.")] = None,
     engine: Annotated[
         str,
         typer.Option(
@@ -130,6 +136,7 @@ def build(
     from sed_runtime.errors import SedUserError
     from sed_runtime.vocab import load_vocabulary
 
+    from .calibration import METHODS, CalibrationRequest
     from .config import load_model_config
 
     if precision not in ("fp32", "fp16", "int8"):  # checked here, before the heavy imports below
@@ -138,6 +145,10 @@ def build(
         raise SedUserError("--precision int8 needs calibration images: --calib DIR (your images) or --calib shapes")
     if precision != "int8" and calib is not None:
         raise SedUserError("--calib is for --precision int8")
+    if int8_min_sqnr is not None and calib is None:
+        raise SedUserError("--int8-min-sqnr is for --precision int8 (with --calib)")
+    if calib_method not in METHODS:
+        raise SedUserError(f"--calib-method must be one of {', '.join(METHODS)}, got {calib_method!r}")
     if calib_images < 1:
         raise SedUserError(f"--calib-images must be >= 1, got {calib_images}")
     if calib is not None and calib != "shapes" and not Path(calib).is_dir():
@@ -185,8 +196,9 @@ def build(
         progress=progress,
         engine_build=engine_build,
         split_decoder=choice.engine is not None and cer_mode == "split",
-        calibration=None if calib is None else (calib, calib_images, calib_seed,
-                                                 "cpu" if choice.engine is None else "tensorrt"),
+        calibration=None if calib is None else CalibrationRequest(
+            calib, calib_images, calib_seed, "cpu" if choice.engine is None else "tensorrt", calib_method,
+            int8_min_sqnr),
     )
     print(f"bundle written to {target}")
     if choice.note:

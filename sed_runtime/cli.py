@@ -54,7 +54,8 @@ def infer(
         typer.Option(
             help="auto (trt for a bundle with TensorRT plans on a GPU with TensorRT; else openvino for a bundle "
             "where it is installed, ort with --low-memory or GPU providers or without openvino; torch otherwise), "
-            "ort, openvino (CPU; pip install 'sed-deploy\\[openvino]'), trt or torch."
+            "ort, openvino (CPU; pip install 'sed-deploy\\[openvino]'; openvino:bf16 for bf16 inference on CPUs with "
+            "bf16 or AMX units), trt or torch."
         ),
     ] = "auto",
     device: Annotated[str, typer.Option(help="Torch device for --backend torch (cpu, cuda).")] = "cpu",

@@ -21,6 +21,7 @@ from sed_runtime.errors import SedUserError
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+DEMO_BUNDLE = ROOT / "examples" / "bundles" / "sed-shapes"
 
 
 @pytest.fixture()
@@ -54,6 +55,11 @@ def test_parse_grid_arguments(classes3: Path) -> None:
     labels = [label for label, _ in parse_vocabs(f"voc20,{classes3},{classes3}")]
     assert labels == ["voc20", "three", "three-1"]
     assert parse_backends("tensorrt,ort") == ["trt", "ort"]
+    assert parse_backends("ort:int8,openvino:bf16+int8,openvino:int8+bf16,openvino") == [
+        "ort:int8", "openvino:int8+bf16", "openvino"]  # variants in one order, so duplicates are found
+    for bad in ("torch:int8", "ort:bf16", "openvino:fp16", "ort:", "trt:int8"):
+        with pytest.raises(SedUserError, match="variant"):
+            parse_backends(bad)
     for bad, fn in [("onnx", parse_backends), ("0", parse_topks), ("x", parse_topks),
                     ("1,2", parse_kept), ("8,4,2,1", parse_kept), ("0,0,0", parse_kept), ("2,4,8", parse_kept),
                     ("a,b,c", parse_kept), ("nope_vocab", parse_vocabs)]:
@@ -108,6 +114,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, classes3: Path) -> Non
         ["--out", str(existing)],
         ["--images", str(tmp_path / "missing.jpg")],
         ["--text", "fake"],
+        ["--backend", "openvino:fp16"],
+        ["--backend", "ort:int8", "--calib", str(tmp_path / "no-such-folder")],
+        [str(DEMO_BUNDLE), "--backend", "openvino:int8"],
     ]
     for args in cases:
         r = _bench(*args, "--no-progress")
@@ -319,3 +328,54 @@ def test_memory_budget_runs_large_cells_class_chunked(tmp_path: Path, cache_env:
         assert [cells[(b, "2")]["kept"][f"cer{i}"]["median"] for i in range(3)] == [9, 5, 3]
     assert "chunks of" in (out / "report.md").read_text()
     assert {row["decoder"] for row in csv.DictReader((out / "cells.csv").open())} >= {"one pass"}
+
+
+def test_openvino_and_int8_variants_force_kept_counts(tmp_path: Path, cache_env: dict) -> None:
+    """The CPU variants side by side (issue 13's grid): OpenVINO forces the kept counts in its one-graph decoder
+    (a forced copy of the graph) and class-chunked (numpy); the int8 variants run an encoder calibrated here whose
+    manifest says so, and a second run reuses it."""
+    from needs import need
+
+    need("openvino")
+    vocab = tmp_path / "many.json"
+    vocab.write_text(json.dumps([f"class {i}" for i in range(30)]))
+    out = tmp_path / "variants"
+    args = ["--model", "sed-shapes", "--backend", "ort:int8,openvino,openvino:int8+bf16", "--vocabs", f"{vocab}",
+            "--topk", "2,all", "--kept", "9,5,3", "--text", "synthetic", "--warmup", "0", "--iters", "1",
+            "--calib-images", "2", "--work", str(tmp_path / "work"), "--no-progress"]
+    r = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["backends"]) == ["ort:int8", "openvino", "openvino:int8+bf16"]
+    assert res["backends"]["openvino"]["precision"] == "fp32"
+    assert res["backends"]["openvino:int8+bf16"]["precision"] == "int8, bf16 inference"
+    for name in ("ort:int8", "openvino:int8+bf16"):
+        assert res["backends"][name]["int8"].endswith("calibrated on 2 images from shapes"), res["backends"][name]
+    cells = {(c["backend"], c["topk"]): c for c in res["cells"]}
+    for b in res["backends"]:
+        assert cells[(b, "2")]["decoder"] == "one pass"
+        assert [cells[(b, "2")]["kept"][f"cer{i}"]["median"] for i in range(3)] == [9, 5, 3], b
+        assert cells[(b, "all")]["status"] == "ok"
+    report = (out / "report.md").read_text()
+    assert "openvino:int8+bf16" in report and "torch" not in res["backends"]
+    int8_folders = sorted(p.name for p in (tmp_path / "work").iterdir() if "-int8-" in p.name)
+    assert len(int8_folders) == 1  # one calibrated encoder for both int8 variants
+    manifest = json.loads((tmp_path / "work" / int8_folders[0] / "manifest.json").read_text())
+    assert manifest["precision"] == "int8" and manifest["quantization"]["calibration"]["images"] == 2
+
+    # Chunked OpenVINO forces the counts too (a budget that fits one class at a time, not one pass).
+    from sed_runtime.backends.openvino_backend import OpenVinoBackend
+    from sed_runtime.memory import GiB
+
+    memory = OpenVinoBackend(DEMO_BUNDLE).decoder_memory()
+    assert memory is not None
+    budget = memory.chunked_peak_bytes(30, 1, [9, 5, 3])
+    assert memory.peak_bytes(30, [9, 5, 3]) > budget
+    out2 = tmp_path / "chunked"
+    r = CliRunner().invoke(app, [*args[:3], "openvino", *args[4:], "--max-memory", f"{budget / GiB:.6f}",
+                                 "--out", str(out2)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out2 / "results.json").read_text())
+    cell = next(c for c in res["cells"] if c["topk"] == "2")
+    assert cell["decoder"].startswith("class-chunked"), cell["decoder"]
+    assert [cell["kept"][f"cer{i}"]["median"] for i in range(3)] == [9, 5, 3]

@@ -80,6 +80,69 @@ def int8_bundle(tmp_path_factory) -> Path:
     return out
 
 
+def _tiny_encoder(path: Path) -> Path:
+    """A two-conv graph with the encoder's input name: enough for ORT's calibrators, in a second."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2")
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "w2"], ["dense"], name="conv2")],
+        "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("dense", TensorProto.FLOAT, [1, 4, 16, 16])], [w1, w2])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_every_range_method_quantizes_and_ranges_are_cached(tmp_path: Path) -> None:
+    """minmax/entropy/percentile all give a QDQ graph (collected one image at a time); the ranges land in the
+    cache whole and the second build reads them instead of calibrating; a damaged cache is recalibrated."""
+    from sed_export.calibration import METHODS, quantize_encoder
+
+    fp32 = _tiny_encoder(tmp_path / "enc.onnx")
+    tensors = np.random.default_rng(1).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    for method in METHODS:
+        cache = tmp_path / "cache" / f"{method}.ranges.json"
+        first = quantize_encoder(fp32, tmp_path / f"{method}.onnx", tensors, method=method, ranges_cache=cache)
+        assert first["ranges"] == "calibrated" and first["quantized_nodes"] == 2
+        assert METHODS[method] in first["method"] and json.loads(cache.read_text())
+        again = quantize_encoder(fp32, tmp_path / f"{method}-2.onnx", tensors, method=method, ranges_cache=cache)
+        assert again["ranges"] == "from the cache"
+        a, b = (onnx.load(str(tmp_path / f"{m}.onnx")) for m in (method, f"{method}-2"))
+        assert a.graph.SerializeToString() == b.graph.SerializeToString()
+    assert not list((tmp_path / "cache").glob("*.part"))
+    cache.write_text("{ truncated")
+    assert quantize_encoder(fp32, tmp_path / "x.onnx", tensors, method="percentile",
+                            ranges_cache=cache)["ranges"] == "calibrated"
+    assert json.loads(cache.read_text())
+    with pytest.raises(SedUserError, match="--calib-method"):
+        quantize_encoder(fp32, tmp_path / "y.onnx", tensors, method="kl")
+
+
+def test_sensitivity_leaves_low_sqnr_nodes_in_float(tmp_path: Path) -> None:
+    """--int8-min-sqnr: every quantized node gets the SQNR of its activation input; nodes below the bar are left
+    in float (no DequantizeLinear feeds them) and listed with their score; a bar no node misses changes nothing."""
+    from sed_export.calibration import quantize_encoder
+
+    fp32 = _tiny_encoder(tmp_path / "enc.onnx")
+    tensors = np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    none = quantize_encoder(fp32, tmp_path / "a.onnx", tensors, min_sqnr_db=-1e9)
+    sens = none["sensitivity"]
+    assert none["quantized_nodes"] == 2 and sens["excluded"] == {} and sens["images"] == 2
+    assert 10 < sens["sqnr_db"]["min"] <= sens["sqnr_db"]["median"] < 80  # uint8: tens of dB, not 0 or inf
+    bar = sens["sqnr_db"]["min"] + 0.05  # the weakest node only
+    some = quantize_encoder(fp32, tmp_path / "b.onnx", tensors, min_sqnr_db=bar)
+    assert some["quantized_nodes"] == 1 and len(some["sensitivity"]["excluded"]) == 1
+    (left,) = some["sensitivity"]["excluded"]
+    assert some["not_quantized"] == [left]
+    q = onnx.load(str(tmp_path / "b.onnx"))
+    dq_out = {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    assert not set(next(n for n in q.graph.node if n.name == left).input) & dq_out
+
+
 def test_int8_graph_is_qdq_with_per_channel_s8_weights(int8_bundle: Path) -> None:
     manifest = json.loads((int8_bundle / "manifest.json").read_text())
     q = manifest["quantization"]
@@ -137,6 +200,7 @@ def test_int8_arguments_are_checked_first(tmp_path: Path) -> None:
         (["--precision", "int8"], "needs calibration images"),
         (["--precision", "fp16", "--calib", "shapes"], "--calib is for --precision int8"),
         (["--precision", "int8", "--calib", str(tmp_path / "nope")], "not a folder"),
+        (["--precision", "int8", "--calib", "shapes", "--calib-method", "kl"], "--calib-method must be one of"),
     ]:
         r = subprocess.run([str(BIN / "sed-export"), "build", "--model", "sed-shapes", "--vocab", "shapes", *args,
                             "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)

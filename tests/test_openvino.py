@@ -71,7 +71,8 @@ def test_decoder_compiles_once_per_class_count() -> None:
 
 
 def test_bf16_hint_runs_and_agrees() -> None:
-    a, b = OpenVinoBackend(DEMO_BUNDLE), OpenVinoBackend(DEMO_BUNDLE, precision="bf16")
+    a, b = OpenVinoBackend(DEMO_BUNDLE), make_backend("openvino:bf16", bundle=DEMO_BUNDLE)
+    assert b.precision == "bf16" and b.describe()["inference_precision"] == "bf16"  # type: ignore[attr-defined]
     image = a.input_spec.preprocess(load_image(IMAGE)).tensor
     text = a.encode_text(SHAPES, progress=False)
     sa, sb = a.infer(image, text, None).scores, b.infer(image, text, None).scores
@@ -83,6 +84,9 @@ def test_bad_arguments_are_one_line() -> None:
         OpenVinoBackend(DEMO_BUNDLE, precision="int4")
     with pytest.raises(SedUserError, match="runs a bundle"):
         make_backend("openvino")
+    for bad in ("ort:bf16", "openvino:int8", "torch:bf16"):
+        with pytest.raises(SedUserError, match="the only variant is openvino:bf16"):
+            make_backend(bad, bundle=DEMO_BUNDLE)
     with pytest.raises(SedUserError, match="--device cuda is for --backend torch"):
         make_backend("openvino", bundle=DEMO_BUNDLE, device="cuda")
 

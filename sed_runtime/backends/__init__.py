@@ -38,8 +38,13 @@ def make_backend(
     CPU, OpenVINO when it is installed (measured faster than ONNX Runtime on the same bundles, README) unless
     --low-memory, GPU providers or a GPU device point at ONNX Runtime, else ONNX Runtime; the PyTorch reference
     for a model name or config."""
+    backend, _, variant = backend.partition(":")
     if backend not in BACKENDS:
         raise SedUserError(f"unknown --backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if variant:  # `openvino:bf16`: bf16 inference on CPUs with bf16/AMX units (README: measured speed and accuracy)
+        if (backend, variant) != ("openvino", "bf16"):
+            raise SedUserError(f"--backend {backend}:{variant}: the only variant is openvino:bf16 (bf16 inference)")
+        openvino_precision = variant
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise SedUserError(f"unknown --device {device!r}; use cpu, cuda or cuda:N")
     if backend == "auto":

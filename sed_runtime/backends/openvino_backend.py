@@ -142,8 +142,11 @@ class OpenVinoBackend(Backend):
             raise SedUserError(f"OpenVINO cannot load this bundle's graphs ({first}); rebuild the bundle") from None
         if held.text:  # it loaded: what its native libraries printed is worth seeing
             sys.stderr.write(held.text)
-        self._decoders: OrderedDict[int, Any] = OrderedDict()
-        self.compile_ms: dict[int, float] = {}
+        self._decoder_models = {"bundle": self._decoder_model}
+        self._decoder_graph = "bundle"
+        self.extra_decoder_inputs: dict[str, np.ndarray] = {}  # benchmark hook (sed-bench --kept), as OrtBackend's
+        self._decoders: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self.compile_ms: dict[str, float] = {}
         self.text_path = BundleText(self.bundle)
         # Class-chunked decoding (the bundle's decoder_chunked/ graphs): None runs the one-graph decoder; an int
         # bounds the decoder's working set to that many classes per step (same results).
@@ -164,23 +167,34 @@ class OpenVinoBackend(Backend):
                 "pip install 'sed-deploy[onnx]', or embed it once with `sed-export embed-text`"
             ) from None
 
-    def _decoder_for(self, num_classes: int) -> Any:
-        """The decoder compiled for exactly `num_classes` (compiled on first use, the oldest dropped)."""
-        if num_classes in self._decoders:
-            self._decoders.move_to_end(num_classes)
-            return self._decoders[num_classes]
+    def use_decoder_graph(self, path: Path | None) -> None:
+        """Benchmark hook (sed-bench --kept): decode with another ONNX decoder graph of the same interface plus
+        `extra_decoder_inputs`; None goes back to the bundle's own."""
+        key = "bundle" if path is None else str(path)
+        if key not in self._decoder_models:
+            self._decoder_models[key] = self.core.read_model(key)
+        self._decoder_graph = key
+
+    def _decoder_for(self, num_classes: int) -> tuple[Any, str]:
+        """The decoder compiled for exactly `num_classes` and its compile-time key (compiled on first use, the
+        oldest dropped)."""
+        key = (self._decoder_graph, num_classes)
+        label = str(num_classes) if key[0] == "bundle" else f"{num_classes} ({Path(key[0]).stem})"
+        if key in self._decoders:
+            self._decoders.move_to_end(key)
+            return self._decoders[key], label
         t0 = time.perf_counter()
-        model = self._decoder_model.clone()
+        model = self._decoder_models[key[0]].clone()
         text = model.input("text")
         shape = text.get_partial_shape()
         shape[0] = num_classes
         model.reshape({text: shape})
         compiled = self.core.compile_model(model, "CPU", self.config)
-        self.compile_ms[num_classes] = (time.perf_counter() - t0) * 1e3
-        self._decoders[num_classes] = compiled
+        self.compile_ms[label] = (time.perf_counter() - t0) * 1e3
+        self._decoders[key] = compiled
         while len(self._decoders) > KEEP_COMPILED:
             self._decoders.popitem(last=False)
-        return compiled
+        return compiled, label
 
     def encode_image(self, image: np.ndarray) -> ImageFeatures:
         t0 = time.perf_counter()
@@ -199,13 +213,13 @@ class OpenVinoBackend(Backend):
         if self.class_chunk is not None:
             return self._decode_chunked(features, text, topk, self.class_chunk)
         timings: dict[str, float] = {}
-        compiled_now = n not in self._decoders
-        decoder = self._decoder_for(n)
+        compiled_now = (self._decoder_graph, n) not in self._decoders
+        decoder, label = self._decoder_for(n)
         if compiled_now:
-            timings["decoder_compile"] = self.compile_ms[n]
+            timings["decoder_compile"] = self.compile_ms[label]
         t0 = time.perf_counter()
         out = decoder({**features.data, "text": np.ascontiguousarray(text, dtype=np.float32),
-                       "k": np.array([k], dtype=np.int64)})
+                       "k": np.array([k], dtype=np.int64), **self.extra_decoder_inputs})
         timings["decoder"] = (time.perf_counter() - t0) * 1e3
         scores = np.asarray(out["scores"], dtype=np.float32)
         kept = None if topk is None else [np.asarray(out[f"kept{i}"], dtype=np.int32) for i in range(3)]
@@ -233,7 +247,8 @@ class OpenVinoBackend(Backend):
             "precision": self.bundle.manifest["precision"],
             "inference_precision": self.precision,
             "openvino": self._ov.__version__,
-            "decoder_compile_ms": {str(n): round(ms, 1) for n, ms in self.compile_ms.items()},
+            "device": "cpu",
+            "decoder_compile_ms": {n: round(ms, 1) for n, ms in self.compile_ms.items()},
             "decoder": "one graph over all classes" if self.class_chunk is None else
             f"class-chunked, {self.class_chunk} classes per step",
             **({"chunked_compile_ms": round(self._chunked.compile_ms, 1), "chunked_programs":
