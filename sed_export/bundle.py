@@ -103,9 +103,13 @@ def building(out: Path) -> Iterator[Path]:
         raise
 
 
+FP32_ENCODER = ".encoder-fp32.onnx"  # kept in the build folder while the decoder's calibration needs it
+
+
 def _quantized_encoder(enc: Any, tmp: Path, config: Any, weights: dict[str, Any], calibration: CalibrationRequest,
-                       log: Log) -> dict[str, Any]:
-    """Write tmp/encoder.onnx as the static-int8 QDQ version of `enc`; returns the manifest's record."""
+                       log: Log) -> tuple[dict[str, Any], np.ndarray]:
+    """Write tmp/encoder.onnx as the static-int8 QDQ version of `enc` (and tmp/FP32_ENCODER); returns the
+    manifest's record and the calibration tensors."""
     from .calibration import cache_key, calibration_set, calibration_tensors, quantize_encoder, ranges_cache_path
     from .onnx_export import save_graph
 
@@ -113,18 +117,41 @@ def _quantized_encoder(enc: Any, tmp: Path, config: Any, weights: dict[str, Any]
     calib = calibration_set(c.source, c.images, c.seed)
     spec = InputSpec.from_settings(config.sed)
     tensors, cached = calibration_tensors(config.name, weights.get("checkpoint_sha256"), spec, calib)
-    fp32 = tmp / ".encoder-fp32.onnx"
+    fp32 = tmp / FP32_ENCODER
     save_graph(enc, fp32)
     ranges = ranges_cache_path(cache_key(config.name, weights.get("checkpoint_sha256"), spec, calib), fp32, c.method,
                                c.flavour)
     record = quantize_encoder(fp32, tmp / "encoder.onnx", tensors, c.flavour, c.method, ranges_cache=ranges,
                               min_sqnr_db=c.min_sqnr_db)
-    fp32.unlink()
     how = record.pop("ranges")  # not in the manifest: a rebuild from the cache is the same bundle
     log(f"calibration    {len(calib.names)} images from {c.source} (seed {c.seed}), {c.method} ranges {how}"
         f"{', images cached' if cached else ''}")
     return {**record, "calibration": {"source": calib.source, "images": len(calib.names), "seed": c.seed,
-                                      "image_list_sha256": calib.digest, "names": list(calib.names)}}
+                                      "image_list_sha256": calib.digest, "names": list(calib.names)}}, tensors
+
+
+def _quantize_decoder(tmp: Path, tensors: np.ndarray, text: np.ndarray, calibration: CalibrationRequest,
+                      log: Log) -> dict[str, Any]:
+    """Replace tmp/decoder.onnx by its static-int8 QDQ version, calibrated on the fp32 encoder's outputs for the
+    calibration images and the bundle vocabulary's embeddings, through CER at DECODER_K."""
+    import onnxruntime as ort
+
+    from .calibration import DECODER_K, quantize_decoder
+
+    t0 = time.perf_counter()
+    encoder = ort.InferenceSession(str(tmp / FP32_ENCODER), providers=["CPUExecutionProvider"])
+    names = [o.name for o in encoder.get_outputs()]
+    k = np.array([min(DECODER_K, len(text))], np.int64)
+    feeds = [{**dict(zip(names, encoder.run(names, {"image": x[None]}))), "text": text, "k": k} for x in tensors]
+    del encoder
+    fp32 = tmp / ".decoder-fp32.onnx"
+    os.replace(tmp / "decoder.onnx", fp32)
+    record = quantize_decoder(fp32, tmp / "decoder.onnx", feeds, calibration.method, calibration.min_sqnr_db)
+    fp32.unlink()
+    record.pop("ranges")
+    log(f"decoder int8   {time.perf_counter() - t0:6.1f} s ({record['quantized_nodes']} of "
+        f"{record['candidate_nodes']} nodes, k = {int(k[0])})")
+    return {**record, "k": int(k[0])}
 
 
 def build_bundle(
@@ -194,7 +221,7 @@ def build_bundle(
         if calibration is None:
             save_graph(enc, tmp / "encoder.onnx")
         else:
-            quantization = _quantized_encoder(enc, tmp, config, weights, calibration, log)
+            quantization, calib_tensors = _quantized_encoder(enc, tmp, config, weights, calibration, log)
         graphs["encoder"] = {"file": "encoder.onnx", **_io(enc)}
         log(f"encoder.onnx   {time.perf_counter() - t0:6.1f} s{' (int8)' if quantization else ''}")
         t0 = time.perf_counter()
@@ -234,6 +261,12 @@ def build_bundle(
             metadata={"vocabulary": vocab.name, "digest": vocab.digest()},
         )
         log(f"text embeddings {time.perf_counter() - t0:5.1f} s ({len(vocab)} classes)")
+        if quantization is not None:
+            if calibration is not None and calibration.decoder:
+                quantization["decoder"] = _quantize_decoder(tmp, calib_tensors, np.asarray(emb, np.float32),
+                                                            calibration, log)
+                quantization["graphs"]["decoder"] = "int8"
+            (tmp / FP32_ENCODER).unlink()
         engines = engine_build(tmp, graphs, log) if engine_build is not None else None
 
         manifest = {

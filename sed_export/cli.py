@@ -96,6 +96,9 @@ def build(
     int8_min_sqnr: Annotated[Optional[float], typer.Option(
         help="int8: leave in float every node whose activation input's quantization SQNR (dB, measured on two "
              "calibration images) is below this; the manifest lists them.")] = None,
+    int8_decoder: Annotated[bool, typer.Option(
+        "--int8-decoder", help="int8: quantize the decoder too (CPU bundles), calibrated on the encoder's outputs and "
+        "the vocabulary's embeddings through CER; its heads and activation x activation MatMuls stay float.")] = False,
     engine: Annotated[
         str,
         typer.Option(
@@ -147,6 +150,8 @@ def build(
         raise SedUserError("--calib is for --precision int8")
     if int8_min_sqnr is not None and calib is None:
         raise SedUserError("--int8-min-sqnr is for --precision int8 (with --calib)")
+    if int8_decoder and calib is None:
+        raise SedUserError("--int8-decoder is for --precision int8 (with --calib)")
     if calib_method not in METHODS:
         raise SedUserError(f"--calib-method must be one of {', '.join(METHODS)}, got {calib_method!r}")
     if calib_images < 1:
@@ -179,6 +184,9 @@ def build(
     )
     cer_mode = opts.cer_mode  # bad combinations and missing libraries fail here, before any export
     engine_build = None
+    if choice.engine is not None and int8_decoder:
+        raise SedUserError("--int8-decoder is for CPU bundles (ONNX Runtime, OpenVINO); TensorRT plans keep the "
+                           "decoder in float: drop --int8-decoder or build with --engine onnx")
     if choice.engine is not None:
         class_range(len(vocabulary), max_classes)  # a vocabulary the profile cannot cover fails before export
 
@@ -198,7 +206,7 @@ def build(
         split_decoder=choice.engine is not None and cer_mode == "split",
         calibration=None if calib is None else CalibrationRequest(
             calib, calib_images, calib_seed, "cpu" if choice.engine is None else "tensorrt", calib_method,
-            int8_min_sqnr),
+            int8_min_sqnr, int8_decoder),
     )
     print(f"bundle written to {target}")
     if choice.note:
