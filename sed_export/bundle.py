@@ -130,28 +130,35 @@ def _quantized_encoder(enc: Any, tmp: Path, config: Any, weights: dict[str, Any]
                                       "image_list_sha256": calib.digest, "names": list(calib.names)}}, tensors
 
 
-def _quantize_decoder(tmp: Path, tensors: np.ndarray, text: np.ndarray, calibration: CalibrationRequest,
-                      log: Log) -> dict[str, Any]:
+def _quantize_decoder(tmp: Path, tensors: np.ndarray, text: np.ndarray, config: Any,
+                      calibration: CalibrationRequest, log: Log) -> dict[str, Any]:
     """Replace tmp/decoder.onnx by its static-int8 QDQ version, calibrated on the fp32 encoder's outputs for the
-    calibration images and the bundle vocabulary's embeddings, through CER at DECODER_K."""
+    calibration images and the bundle vocabulary's embeddings (in class groups that bound its memory), through CER
+    at DECODER_K."""
     import onnxruntime as ort
 
-    from .calibration import DECODER_K, quantize_decoder
+    from sed_runtime.memory import DecoderMemory
+
+    from .calibration import DECODER_K, decoder_class_groups, quantize_decoder
 
     t0 = time.perf_counter()
+    memory = DecoderMemory.from_settings(config.to_dict()["sed"], text.shape[1], "ort")
+    groups = decoder_class_groups(memory, len(text), len(tensors), calibration.seed)
     encoder = ort.InferenceSession(str(tmp / FP32_ENCODER), providers=["CPUExecutionProvider"])
     names = [o.name for o in encoder.get_outputs()]
-    k = np.array([min(DECODER_K, len(text))], np.int64)
-    feeds = [{**dict(zip(names, encoder.run(names, {"image": x[None]}))), "text": text, "k": k} for x in tensors]
+    feeds = [{**dict(zip(names, encoder.run(names, {"image": x[None]}))), "text": np.ascontiguousarray(text[g]),
+              "k": np.array([min(DECODER_K, len(g))], np.int64)} for x, g in zip(tensors, groups)]
     del encoder
+    k = np.array([min(DECODER_K, len(text))], np.int64)
     fp32 = tmp / ".decoder-fp32.onnx"
     os.replace(tmp / "decoder.onnx", fp32)
     record = quantize_decoder(fp32, tmp / "decoder.onnx", feeds, calibration.method, calibration.min_sqnr_db)
     fp32.unlink()
     record.pop("ranges")
+    largest = max(len(g) for g in groups)
     log(f"decoder int8   {time.perf_counter() - t0:6.1f} s ({record['quantized_nodes']} of "
-        f"{record['candidate_nodes']} nodes, k = {int(k[0])})")
-    return {**record, "k": int(k[0])}
+        f"{record['candidate_nodes']} nodes, k = {int(k[0])}, up to {largest} classes per image)")
+    return {**record, "k": int(k[0]), "classes_per_image": largest}
 
 
 def build_bundle(
@@ -263,7 +270,7 @@ def build_bundle(
         log(f"text embeddings {time.perf_counter() - t0:5.1f} s ({len(vocab)} classes)")
         if quantization is not None:
             if calibration is not None and calibration.decoder:
-                quantization["decoder"] = _quantize_decoder(tmp, calib_tensors, np.asarray(emb, np.float32),
+                quantization["decoder"] = _quantize_decoder(tmp, calib_tensors, np.asarray(emb, np.float32), config,
                                                             calibration, log)
                 quantization["graphs"]["decoder"] = "int8"
             (tmp / FP32_ENCODER).unlink()

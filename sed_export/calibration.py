@@ -45,7 +45,8 @@ from sed_runtime.evaluation import IMAGE_SUFFIXES
 from sed_runtime.text_cache import default_cache_dir
 
 __all__ = ["FLAVOURS", "METHODS", "CalibrationRequest", "CalibrationSet", "calibration_set", "calibration_tensors",
-           "decoder_exclusions", "quantize_decoder", "quantize_encoder", "quantize_graph", "ranges_cache_path"]
+           "decoder_class_groups", "decoder_exclusions", "quantize_decoder", "quantize_encoder", "quantize_graph",
+           "ranges_cache_path"]
 
 CALIB_SCENE_SEED = 7  # generated calibration scenes: neither the training seed (0) nor sed-eval's (1000)
 OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -68,6 +69,24 @@ class CalibrationRequest:
 
 
 DECODER_K = 8  # CER's k while calibrating the decoder: sed-run's default
+# The decoder's calibration runs hold about twice the one-pass decoder's predicted peak (sed-b, A-150, random
+# weights keeping every class: 16.6 GB for a predicted 7.9 GiB), so each image sees a group of the vocabulary sized
+# to keep that under DECODER_CALIB_BUDGET; the groups cover every class across the images.
+DECODER_CALIB_FACTOR = 2.0
+DECODER_CALIB_BUDGET = 4 * 2**30
+
+
+def decoder_class_groups(memory: Any, num_classes: int, images: int, seed: int) -> list[np.ndarray]:
+    """Class indices each calibration image decodes: the whole vocabulary when it fits DECODER_CALIB_BUDGET
+    (`memory`: a `sed_runtime.memory.DecoderMemory`, every class kept), else a seeded partition into near-equal
+    groups that do, assigned to the images in turn."""
+    size = num_classes
+    while size > 1 and DECODER_CALIB_FACTOR * memory.peak_bytes(size) > DECODER_CALIB_BUDGET:
+        size -= 1
+    groups = max(1, -(-num_classes // size))
+    order = np.random.default_rng(seed).permutation(num_classes) if groups > 1 else np.arange(num_classes)
+    parts = [np.sort(part) for part in np.array_split(order, groups)]
+    return [parts[i % groups] for i in range(images)]
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,25 @@ def test_sensitivity_leaves_low_sqnr_nodes_in_float(tmp_path: Path) -> None:
     assert not set(next(n for n in q.graph.node if n.name == left).input) & dq_out
 
 
+def test_decoder_calibration_groups_bound_memory_and_cover_the_vocabulary() -> None:
+    """A vocabulary whose one-pass decoder would not fit the calibration budget is cut into seeded groups that do,
+    handed to the images in turn, so every class is seen; a small one is decoded whole."""
+    from sed_export.calibration import DECODER_CALIB_BUDGET, DECODER_CALIB_FACTOR, decoder_class_groups
+    from sed_export.config import load_model_config
+    from sed_runtime.memory import DecoderMemory
+
+    memory = DecoderMemory.from_settings(load_model_config("sed-b").to_dict()["sed"], 80, "ort")
+    groups = decoder_class_groups(memory, 150, 8, seed=0)
+    assert len(groups) == 8 and all(DECODER_CALIB_FACTOR * memory.peak_bytes(len(g)) <= DECODER_CALIB_BUDGET
+                                    for g in groups)
+    assert 1 < len(groups[0]) < 150 and set(np.concatenate(groups).tolist()) == set(range(150))
+    assert all(np.all(np.diff(g) > 0) for g in groups)  # sorted rows: the vocabulary's order is kept
+    again = decoder_class_groups(memory, 150, 8, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(groups, again))
+    small = decoder_class_groups(memory, 5, 3, seed=0)
+    assert all(np.array_equal(g, np.arange(5)) for g in small)
+
+
 def test_int8_graph_is_qdq_with_per_channel_s8_weights(int8_bundle: Path) -> None:
     manifest = json.loads((int8_bundle / "manifest.json").read_text())
     q = manifest["quantization"]
