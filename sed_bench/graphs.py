@@ -114,15 +114,11 @@ def bench_int8_graphs(
         return folder
     log(f"calibrating an int8 encoder on {c.images} images from {c.source} into {folder} ...")
     t0 = time.perf_counter()
-    spec = Bundle.open(fp32_folder).input_spec
-    checkpoint = manifest["weights"].get("checkpoint_sha256")
-    tensors, cached = cal.calibration_tensors(manifest["model"]["name"], checkpoint, spec, calib)
-    ranges = cal.ranges_cache_path(cal.cache_key(manifest["model"]["name"], checkpoint, spec, calib),
-                                   fp32_folder / "encoder.onnx", c.method, c.flavour)
     with building(folder) as tmp:
-        record = cal.quantize_encoder(fp32_folder / "encoder.onnx", tmp / "encoder.onnx", tensors, c.flavour,
-                                      c.method, ranges_cache=ranges)
-        record.pop("ranges")
+        checkpoint = manifest["weights"].get("checkpoint_sha256")
+        record, _, note = cal.calibrated_encoder(fp32_folder / "encoder.onnx", tmp / "encoder.onnx",
+                                                 manifest["model"]["name"], checkpoint,
+                                                 Bundle.open(fp32_folder).input_spec, c, calib)
         for rel in manifest["files"]:
             if rel == "encoder.onnx":
                 continue
@@ -131,10 +127,7 @@ def bench_int8_graphs(
                 os.link(fp32_folder / rel, tmp / rel)
             except OSError:
                 shutil.copy2(fp32_folder / rel, tmp / rel)
-        record["calibration"] = {"source": calib.source, "images": len(calib.names), "seed": c.seed,
-                                 "image_list_sha256": calib.digest}
         manifest.update(precision="int8", quantization=record, files=files_record(tmp))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    log(f"calibrated and quantized in {time.perf_counter() - t0:.1f} s"
-        f"{' (preprocessed images from the cache)' if cached else ''}")
+    log(f"calibrated and quantized in {time.perf_counter() - t0:.1f} s: {note}")
     return folder

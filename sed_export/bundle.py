@@ -110,24 +110,17 @@ def _quantized_encoder(enc: Any, tmp: Path, config: Any, weights: dict[str, Any]
                        log: Log) -> tuple[dict[str, Any], np.ndarray]:
     """Write tmp/encoder.onnx as the static-int8 QDQ version of `enc` (and tmp/FP32_ENCODER); returns the
     manifest's record and the calibration tensors."""
-    from .calibration import cache_key, calibration_set, calibration_tensors, quantize_encoder, ranges_cache_path
+    from .calibration import calibrated_encoder, calibration_set
     from .onnx_export import save_graph
 
     c = calibration
-    calib = calibration_set(c.source, c.images, c.seed)
-    spec = InputSpec.from_settings(config.sed)
-    tensors, cached = calibration_tensors(config.name, weights.get("checkpoint_sha256"), spec, calib)
     fp32 = tmp / FP32_ENCODER
     save_graph(enc, fp32)
-    ranges = ranges_cache_path(cache_key(config.name, weights.get("checkpoint_sha256"), spec, calib), fp32, c.method,
-                               c.flavour)
-    record = quantize_encoder(fp32, tmp / "encoder.onnx", tensors, c.flavour, c.method, ranges_cache=ranges,
-                              min_sqnr_db=c.min_sqnr_db)
-    how = record.pop("ranges")  # not in the manifest: a rebuild from the cache is the same bundle
-    log(f"calibration    {len(calib.names)} images from {c.source} (seed {c.seed}), {c.method} ranges {how}"
-        f"{', images cached' if cached else ''}")
-    return {**record, "calibration": {"source": calib.source, "images": len(calib.names), "seed": c.seed,
-                                      "image_list_sha256": calib.digest, "names": list(calib.names)}}, tensors
+    record, tensors, note = calibrated_encoder(fp32, tmp / "encoder.onnx", config.name,
+                                               weights.get("checkpoint_sha256"), InputSpec.from_settings(config.sed),
+                                               c, calibration_set(c.source, c.images, c.seed))
+    log(f"calibration    {note}")
+    return record, tensors
 
 
 def _quantize_decoder(tmp: Path, tensors: np.ndarray, text: np.ndarray, config: Any,
@@ -149,7 +142,7 @@ def _quantize_decoder(tmp: Path, tensors: np.ndarray, text: np.ndarray, config: 
     feeds = [{**dict(zip(names, encoder.run(names, {"image": x[None]}))), "text": np.ascontiguousarray(text[g]),
               "k": np.array([min(DECODER_K, len(g))], np.int64)} for x, g in zip(tensors, groups)]
     del encoder
-    k = np.array([min(DECODER_K, len(text))], np.int64)
+    k = min(DECODER_K, len(text))
     fp32 = tmp / ".decoder-fp32.onnx"
     os.replace(tmp / "decoder.onnx", fp32)
     record = quantize_decoder(fp32, tmp / "decoder.onnx", feeds, calibration.method, calibration.min_sqnr_db)
@@ -157,8 +150,8 @@ def _quantize_decoder(tmp: Path, tensors: np.ndarray, text: np.ndarray, config: 
     record.pop("ranges")
     largest = max(len(g) for g in groups)
     log(f"decoder int8   {time.perf_counter() - t0:6.1f} s ({record['quantized_nodes']} of "
-        f"{record['candidate_nodes']} nodes, k = {int(k[0])}, up to {largest} classes per image)")
-    return {**record, "k": int(k[0]), "classes_per_image": largest}
+        f"{record['candidate_nodes']} nodes, k = {k}, up to {largest} classes per image)")
+    return {**record, "k": k, "classes_per_image": largest}
 
 
 def build_bundle(

@@ -44,7 +44,8 @@ from sed_runtime.errors import DatasetError, SedUserError
 from sed_runtime.evaluation import IMAGE_SUFFIXES
 from sed_runtime.text_cache import default_cache_dir
 
-__all__ = ["FLAVOURS", "METHODS", "CalibrationRequest", "CalibrationSet", "calibration_set", "calibration_tensors",
+__all__ = ["FLAVOURS", "METHODS", "CalibrationRequest", "CalibrationSet", "calibrated_encoder", "calibration_set",
+           "calibration_tensors",
            "decoder_class_groups", "decoder_exclusions", "quantize_decoder", "quantize_encoder", "quantize_graph",
            "ranges_cache_path"]
 
@@ -199,6 +200,25 @@ def ranges_cache_path(tensors_key: str, fp32_graph: Path, method: str, flavour: 
     """Where the activation ranges of this calibration of this graph are cached."""
     h = hashlib.sha256(fp32_graph.read_bytes()).hexdigest()[:16]
     return (cache_dir or default_cache_dir()) / "calib" / f"{tensors_key}-{h}-{method}-{flavour}.ranges.json"
+
+
+def calibrated_encoder(fp32_path: Path, out_path: Path, model_name: str, checkpoint_sha256: str | None,
+                       spec: InputSpec, request: CalibrationRequest, calib: CalibrationSet,
+                       ) -> tuple[dict[str, Any], np.ndarray, str]:
+    """The whole int8 encoder step of `request` on its drawn set `calib`: preprocess the images (or take them from
+    the cache), quantize `fp32_path` into `out_path` with the ranges cache. Returns the manifest's record (with its
+    `calibration` section), the preprocessed tensors, and a line saying what came from the caches."""
+    tensors, cached = calibration_tensors(model_name, checkpoint_sha256, spec, calib)
+    ranges = ranges_cache_path(cache_key(model_name, checkpoint_sha256, spec, calib), fp32_path, request.method,
+                               request.flavour)
+    record = quantize_encoder(fp32_path, out_path, tensors, request.flavour, request.method, ranges_cache=ranges,
+                              min_sqnr_db=request.min_sqnr_db)
+    how = record.pop("ranges")  # not in the manifest: a rebuild from the cache is the same bundle
+    note = (f"{len(calib.names)} images from {request.source} (seed {request.seed}), {request.method} ranges {how}"
+            f"{', images cached' if cached else ''}")
+    record["calibration"] = {"source": calib.source, "images": len(calib.names), "seed": request.seed,
+                             "image_list_sha256": calib.digest, "names": list(calib.names)}
+    return record, tensors, note
 
 
 def quantize_encoder(fp32_path: Path, out_path: Path, tensors: np.ndarray, flavour: str = "cpu",

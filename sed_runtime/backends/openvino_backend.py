@@ -136,13 +136,13 @@ class OpenVinoBackend(Backend):
         try:
             with _native_stderr_held() as held:
                 self.encoder = self.core.compile_model(str(self.bundle.path("encoder")), "CPU", self.config)
-                self._decoder_model = self.core.read_model(str(self.bundle.path("decoder")))
+                decoder_model = self.core.read_model(str(self.bundle.path("decoder")))
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise SedUserError(f"OpenVINO cannot load this bundle's graphs ({first}); rebuild the bundle") from None
         if held.text:  # it loaded: what its native libraries printed is worth seeing
             sys.stderr.write(held.text)
-        self._decoder_models = {"bundle": self._decoder_model}
+        self._decoder_models = {"bundle": decoder_model}  # "bundle", or a benchmark's graph path: its read model
         self._decoder_graph = "bundle"
         self.extra_decoder_inputs: dict[str, np.ndarray] = {}  # benchmark hook (sed-bench --kept), as OrtBackend's
         self._decoders: OrderedDict[tuple[str, int], Any] = OrderedDict()
