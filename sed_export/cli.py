@@ -129,6 +129,10 @@ def build(
         Optional[Path],
         typer.Option(help="--cer split: libsed_topk_union.so to run between the plans (default: on the host)."),
     ] = None,
+    max_chunk: Annotated[Optional[int], typer.Option(
+        "--max-chunk", help="TensorRT: the class-chunked decoder plans (used when one pass over every class would not "
+        "fit in GPU memory) take chunks of up to this many classes, each power of two up to it a static profile; 0 "
+        "builds none. Default 64.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Bundle folder (default engines/<model>-<precision>).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle")] = False,
@@ -170,9 +174,13 @@ def build(
         raise SedUserError(f"--workspace must be a positive number of GiB, got {workspace}")
     from .bundle import build_bundle
     from .trt_build import EngineOptions, build_plans, resolve_engine
-    from .trt_profiles import class_range
+    from .trt_profiles import DEFAULT_CHUNK_MAX, chunk_sizes, class_range
 
+    if max_chunk is not None and max_chunk != 0:
+        chunk_sizes(max_chunk)  # refuses a negative size before any export
     choice = resolve_engine(engine)
+    if max_chunk is not None and choice.engine is None:
+        raise SedUserError("--max-chunk shapes TensorRT plans; pass --engine tensorrt (or tensorrt-rtx)")
     opts = EngineOptions(
         engine=choice.engine,
         max_classes=max_classes,
@@ -181,6 +189,7 @@ def build(
         plugin_lib=plugin_lib,
         cer=cer,
         kernel_lib=kernel_lib,
+        chunk_max=DEFAULT_CHUNK_MAX if max_chunk is None else max_chunk,
     )
     cer_mode = opts.cer_mode  # bad combinations and missing libraries fail here, before any export
     engine_build = None

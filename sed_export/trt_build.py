@@ -25,9 +25,12 @@ from sed_runtime.bundle import sha256_file
 from sed_runtime.errors import SedUserError
 
 from .trt_profiles import (
+    DEFAULT_CHUNK_MAX,
     ClassRange,
     Profile,
     check_network_inputs,
+    chunk_sizes,
+    chunked_decoder_profiles,
     class_range,
     decoder_profile,
     split_decoder_profiles,
@@ -364,6 +367,7 @@ class EngineOptions:
     plugin_lib: Path | None = None
     cer: str = "auto"  # auto: plugin with plugin_lib, else standard-ops; or split
     kernel_lib: Path | None = None  # split: libsed_topk_union.so to run between the segments (else the host rule)
+    chunk_max: int = DEFAULT_CHUNK_MAX  # class-chunked segment plans for chunks up to this many classes; 0: none
 
     @property
     def cer_mode(self) -> str:
@@ -447,6 +451,31 @@ def _build_split_decoder(
     return plans
 
 
+def _build_chunked_decoder(
+    trt: ModuleType, bundle_dir: Path, graphs: dict[str, Any], sizes: Sequence[int], log: Log, **kw: Any
+) -> dict[str, PlanInfo]:
+    """One plan per class-chunked segment (decoder_chunked/*.plan), each with a static profile per chunk size: the
+    runtime falls back to them when one pass over every class would not fit in device memory."""
+    from sed_runtime.chunked_decoder import SEGMENTS as CHUNKED
+
+    missing = [s for s in CHUNKED if s not in graphs]
+    if missing:
+        raise SedUserError(f"the bundle has no class-chunked decoder graphs ({', '.join(missing)}); rebuild it "
+                           "with this sed-deploy, or pass --max-chunk 0")
+    shapes = {s: {i["name"]: i["shape"] for i in graphs[s]["inputs"]} for s in CHUNKED}
+    profiles = chunked_decoder_profiles(shapes, sizes)
+    plans, t0 = {}, time.perf_counter()
+    for seg in CHUNKED:
+        onnx_path = bundle_dir / graphs[seg]["file"]
+        info = build_engine(trt, onnx_path, onnx_path.with_suffix(".plan"), profiles[seg], **kw)
+        info.file, info.onnx = str(Path(graphs[seg]["file"]).with_suffix(".plan")), graphs[seg]["file"]
+        plans[seg] = info
+    total = sum(p.bytes for p in plans.values())
+    log(f"decoder_chunked/ {time.perf_counter() - t0:4.1f} s ({len(plans)} plans, {total / 2**20:.1f} MiB, chunks of "
+        f"{', '.join(map(str, sizes))} classes)")
+    return plans
+
+
 def build_plans(
     opts: EngineOptions, bundle_dir: Path, graphs: dict[str, Any], vocab_size: int, precision: str, log: Log = print,
 ) -> dict[str, Any]:
@@ -491,7 +520,9 @@ def build_plans(
         dec = decoders["decoder"]
         log(f"decoder.plan   {dec.seconds:6.1f} s ({dec.bytes / 2**20:.1f} MiB, N {classes.min}..{classes.max}, "
             f"opt {classes.opt})")
-    warnings = [w for p in (enc, *decoders.values()) for w in p.warnings]
+    sizes = chunk_sizes(opts.chunk_max) if opts.chunk_max else ()
+    chunked = _build_chunked_decoder(trt, bundle_dir, graphs, sizes, log, **kw) if sizes else {}
+    warnings = [w for p in (enc, *decoders.values(), *chunked.values()) for w in p.warnings]
     if warnings:
         log(f"({len(warnings)} TensorRT builder warnings, e.g. {_first_line(warnings[0], 120)})")
     return {
@@ -508,7 +539,8 @@ def build_plans(
         "cer": cer,
         "plugins": plugins,
         "kernel": kernel,
-        "plans": {"encoder": enc.to_json(), **{role: p.to_json() for role, p in decoders.items()}},
-        "device_memory": {role: p.device_memory for role, p in {"encoder": enc, **decoders}.items()
+        "plans": {"encoder": enc.to_json(), **{role: p.to_json() for role, p in (decoders | chunked).items()}},
+        "chunk_sizes": list(sizes),  # the class-chunked plans' static profiles, in profile order ([]: none built)
+        "device_memory": {role: p.device_memory for role, p in {"encoder": enc, **decoders, **chunked}.items()
                           if p.device_memory is not None},
     }

@@ -187,3 +187,29 @@ def split_decoder_profiles(
         shapes.append(ShapeRange("keep", (1,), (min(kept_opt, rows_opt),), (classes.max,)))
         profiles[seg] = Profile(shapes=tuple(shapes))
     return profiles
+
+
+DEFAULT_CHUNK_MAX = 64  # classes per step of the chunked plans; powers of two up to it each get a static profile
+
+
+def chunk_sizes(chunk_max: int) -> tuple[int, ...]:
+    """The row counts the class-chunked plans are built for: every power of two up to `chunk_max` (itself rounded
+    down to one), which are exactly the sizes `chunked_decoder.chunk_spans(fixed_sizes=True)` hands out for any
+    chunk that is itself one of them."""
+    if chunk_max < 1:
+        raise SedUserError(f"--max-chunk must be >= 1 (or 0 for no chunked plans), got {chunk_max}")
+    return tuple(1 << i for i in range(chunk_max.bit_length()))
+
+
+def chunked_decoder_profiles(
+    inputs: Mapping[str, Mapping[str, Sequence[int | str | None]]], sizes: Sequence[int]
+) -> dict[str, list[Profile]]:
+    """Static profiles (min = opt = max) for each class-chunked segment, one per row count in `sizes`, in that
+    order: every input whose axis 0 is the dynamic class axis takes that many rows. A segment without such an
+    input (the per-image skips) gets no profile."""
+    profiles: dict[str, list[Profile]] = {}
+    for seg, shapes in inputs.items():
+        rows = [n for n, s in shapes.items() if _dims(s)[:1] == [None]]
+        profiles[seg] = [Profile(shapes=tuple(_rows_range(n, shapes[n], t, t, t, seg) for n in rows))
+                         for t in sizes] if rows else []
+    return profiles

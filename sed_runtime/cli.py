@@ -65,8 +65,9 @@ def infer(
                            "the peak RSS for large vocabularies with --topk all; somewhat slower).")
     ] = False,
     max_memory: Annotated[Optional[str], typer.Option(
-        "--max-memory", help="Memory this process may use, in GiB (default: what it holds now plus what is free). "
-        "A run whose decoder is predicted to need more is refused before any image is processed.")] = None,
+        "--max-memory", help="Memory this process may use, in GiB (default: what it holds now plus what is free); "
+        "on a GPU backend, the GPU memory the decoder may use (default: the GPU's free memory). A decoder predicted "
+        "to need more runs in class chunks, or is refused before any image is processed.")] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("out"),
     save_npz: Annotated[
         bool, typer.Option("--save-npz", help="Also write scores, seg and kept indices (npz).")
@@ -156,19 +157,21 @@ def infer(
     random_weights = "random" in str(engine.describe().get("weights", ""))
     if random_weights:
         console.print("note: random weights (no checkpoint), so the masks are random", markup=False)
-    from .memory import GiB, available_bytes, check_fits, choose_class_chunk, rss_mb
+    from .memory import GiB, check_fits, choose_class_chunk, rss_mb
 
-    held = (rss_mb() or 0.0) * 2**20
-    free = available_bytes()
-    budget = max_gib * GiB - held if max_gib is not None else free
     memory = engine.decoder_memory()
+    on_gpu = memory is not None and memory.device == "cuda"
+    # host: --max-memory bounds the whole process (what it holds now counts); GPU: the decoder's device memory
+    held = 0.0 if on_gpu else (rss_mb() or 0.0) * 2**20
+    free = engine.free_memory_bytes()
+    budget = max_gib * GiB - held if max_gib is not None else free
     note = None
     chunk = choose_class_chunk(memory, len(vocabulary), budget) if hasattr(engine, "class_chunk") else None
     if chunk is not None:  # one pass over every class would not fit: the decoder runs in class chunks instead
         engine.class_chunk = chunk  # type: ignore[attr-defined]
-        note = (f"note: the decoder runs {chunk} classes at a time to stay within {budget / GiB:.1f} GiB "
-                f"(one pass over {len(vocabulary)} classes would need about "
-                f"{memory.peak_bytes(len(vocabulary)) / GiB:.1f} GiB)")  # type: ignore[union-attr]
+        note = (f"note: one pass over {len(vocabulary)} classes would need about "  # type: ignore[union-attr]
+                f"{memory.peak_bytes(len(vocabulary)) / GiB:.1f} GiB of {'GPU' if on_gpu else 'host'} memory, over "
+                f"the {budget / GiB:.1f} GiB budget: the decoder runs {engine.describe()['decoder']}")
     else:
         note = check_fits(memory, len(vocabulary), k, random_weights=random_weights, budget_bytes=budget)
     if note:

@@ -84,6 +84,13 @@ def held_elements(sed: Mapping[str, Any], num_templates: int) -> tuple[float, fl
 # was 8.3-11.9 bytes per working-set element), so its upper end is used, and it still under-predicts A-847.
 CHUNKED_BYTES_PER_ELEMENT = BYTES_PER_ELEMENT["torch"]
 CHUNK_WORKING_SET_BYTES = {"torch": 6.0, "ort": 5.5, "ort-low-memory": 5.5, "openvino": 12.0}
+# GPU memory (the decoder's device memory, not the process's RSS): torch on CUDA and the TensorRT plans. No GPU has
+# fitted these yet, so they are CPU torch's factors (the same fp32 tensors; TensorRT reuses activation memory
+# within a plan, so for it they should be an upper end). benchmarks/gpu_session.sh measures the device peak of a
+# chunked A-847 run next to this prediction. The TensorRT chunked executor keeps what it holds for every class in
+# host memory, so only one chunk's working set is on the device.
+DEVICE_BACKENDS = {"torch-cuda": "torch", "trt": "torch"}
+HELD_ON_HOST = ("trt",)
 
 
 @dataclass(frozen=True)
@@ -99,16 +106,21 @@ class DecoderMemory:
     held_bytes_per_class: tuple[float, float, float] = (0.0, 0.0, 0.0)
     chunk_bytes_per_class: tuple[float, float, float] = (0.0, 0.0, 0.0)
     chunk_pre_bytes_per_class: float = 0.0
+    device: str = "host"  # whose memory: "host" (RSS) or "cuda" (the GPU's)
 
     @classmethod
     def from_settings(cls, sed: Mapping[str, Any], num_templates: int, backend: str) -> DecoderMemory:
-        factor = BYTES_PER_ELEMENT[backend]
-        chunk_factor = CHUNK_WORKING_SET_BYTES[backend]
+        """`backend`: torch, ort, ort-low-memory, openvino (host memory), or torch-cuda, trt (device memory)."""
+        fitted = DEVICE_BACKENDS.get(backend, backend)
+        factor = BYTES_PER_ELEMENT[fitted]
+        chunk_factor = CHUNK_WORKING_SET_BYTES[fitted]
+        held_factor = 0.0 if backend in HELD_ON_HOST else CHUNKED_BYTES_PER_ELEMENT
         pre, layers = decoder_elements(sed, num_templates)
-        held = tuple(h * CHUNKED_BYTES_PER_ELEMENT for h in held_elements(sed, num_templates))
+        held = tuple(h * held_factor for h in held_elements(sed, num_templates))
         return cls(pre * factor, (layers[0] * factor, layers[1] * factor, layers[2] * factor), backend,
-                   pre * CHUNKED_BYTES_PER_ELEMENT, (held[0], held[1], held[2]),
-                   (layers[0] * chunk_factor, layers[1] * chunk_factor, layers[2] * chunk_factor), pre * chunk_factor)
+                   pre * held_factor, (held[0], held[1], held[2]),
+                   (layers[0] * chunk_factor, layers[1] * chunk_factor, layers[2] * chunk_factor), pre * chunk_factor,
+                   "cuda" if backend in DEVICE_BACKENDS else "host")
 
     def chunked_peak_bytes(self, num_classes: int, chunk: int, kept: Sequence[int] | None = None) -> float:
         """Peak of the class-chunked decoder: what it holds for every alive class plus one chunk's working set,
@@ -219,7 +231,8 @@ def check_fits(memory: DecoderMemory | None, num_classes: int, topk: int | None,
             "random weights keep nearly every class at each CER point"
         raise MemoryBudgetError(
             f"this run needs about {need:.1f} GiB for the decoder ({num_classes} classes, {why}) but has "
-            f"{max(have, 0.0):.1f} GiB (free memory, or --max-memory); use fewer classes, a smaller --topk with "
+            f"{max(have, 0.0):.1f} GiB ({'free GPU memory' if memory.device == 'cuda' else 'free memory'}, or "
+            "--max-memory); use fewer classes, a smaller --topk with "
             "trained weights, "
             f"{'--low-memory, ' if memory.backend == 'ort' else ''}or --max-memory GB to run anyway")
     return (f"note: if CER kept all {num_classes} classes the decoder would need about {need:.1f} GiB "

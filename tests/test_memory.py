@@ -53,6 +53,24 @@ def test_refuses_every_class_kept_over_budget_and_notes_cer_with_trained_weights
     assert check_fits(mem, 847, None, random_weights=True, budget_bytes=None) is None  # budget unknown
 
 
+def test_gpu_models_bound_device_memory_and_the_tensorrt_chunks_hold_nothing_per_class_on_the_device() -> None:
+    """torch on CUDA holds the chunked decoder's per-class arrays on the device; the TensorRT chunked executor keeps
+    them in host memory, so its device peak is one chunk's working set whatever N is, and a budget far below the
+    one-pass peak still finds a chunk."""
+    from sed_runtime.memory import choose_class_chunk
+
+    sed = json.loads((ROOT / "sed_export" / "configs" / "sed-b.json").read_text())["sed"]
+    host, cuda, trt = (DecoderMemory.from_settings(sed, 80, b) for b in ("torch", "torch-cuda", "trt"))
+    assert host.device == "host" and cuda.device == trt.device == "cuda"
+    assert cuda.peak_bytes(847) == host.peak_bytes(847) == trt.peak_bytes(847)  # one pass: the same tensors
+    assert cuda.chunked_peak_bytes(847, 32) == host.chunked_peak_bytes(847, 32)
+    assert trt.chunked_peak_bytes(847, 32) == trt.chunked_peak_bytes(200, 32) < cuda.chunked_peak_bytes(200, 32)
+    chunk = choose_class_chunk(trt, 847, 2 * GiB)
+    assert chunk is not None and trt.chunked_peak_bytes(847, chunk) <= 2 * GiB < trt.chunked_peak_bytes(847, chunk + 1)
+    with pytest.raises(MemoryBudgetError, match="free GPU memory"):
+        check_fits(trt, 847, None, random_weights=False, budget_bytes=GiB)
+
+
 def test_kept_counts_bound_the_estimate() -> None:
     mem = _memory()
     assert mem.peak_bytes(847, [12, 12, 12]) < mem.peak_bytes(847, [81, 81, 81]) < mem.peak_bytes(847)

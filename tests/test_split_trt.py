@@ -91,13 +91,25 @@ class FakeTrt:
 class FakeEngine:
     """An `ICudaEngine` stand-in over one segment's ONNX (ONNX Runtime does the math)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, profiles: list[dict[str, tuple]] | None = None) -> None:
         opts = ort.SessionOptions()
         opts.enable_cpu_mem_arena = False  # four segments' arenas would add up across the test
         self.sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: ORT_TYPES[i.type] for i in self.sess.get_inputs()}
         self.outputs = {o.name: ORT_TYPES[o.type] for o in self.sess.get_outputs()}
+        self.shapes = {i.name: tuple(d if isinstance(d, int) else -1 for d in i.shape) for i in self.sess.get_inputs()}
         self.names = [*self.inputs, *self.outputs]
+        self.profiles = profiles or []  # per profile: input name -> (min, opt, max), as TensorRT reports them
+
+    @property
+    def num_optimization_profiles(self) -> int:
+        return max(1, len(self.profiles))
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def get_tensor_profile_shape(self, name: str, index: int) -> tuple:
+        return self.profiles[index][name]
 
     @property
     def num_io_tensors(self) -> int:
@@ -124,10 +136,22 @@ class FakeContext:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
         self.results: dict[str, np.ndarray] | None = None
+        self.profile = 0
+        self.profile_switches = 0
+
+    def set_optimization_profile_async(self, index: int, stream: int) -> bool:
+        assert 0 <= index < self.engine.num_optimization_profiles
+        self.profile, self.profile_switches = index, self.profile_switches + 1
+        return True
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
         assert name in self.engine.inputs
-        self.shapes[name] = tuple(int(d) for d in shape)
+        shape = tuple(int(d) for d in shape)
+        if self.engine.profiles and name in self.engine.profiles[self.profile]:
+            lo, _, hi = self.engine.profiles[self.profile][name]
+            if not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
+                return False  # TensorRT refuses a shape outside the context's active profile
+        self.shapes[name] = shape
         self.results = None
         return True
 
@@ -270,3 +294,84 @@ def test_buffers_never_hand_out_a_null_pointer():
     ctx = NoScratch()
     scratch.bind(ctx)
     assert ctx.bound[0] != 0 and ctx.bound[1] >= 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The class-chunked plans: static profiles per chunk size, numpy staged through the device per chunk
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chunked_folder(tmp_path_factory):
+    from sed_export.config import load_model_config
+    from sed_export.model import build_model
+    from sed_export.onnx_chunked import build_chunked_segments
+    from sed_export.onnx_export import save_graph
+    from sed_runtime.chunked_decoder import CHUNKED_DIR
+    from sed_runtime.chunked_decoder import segment_file as chunked_file
+
+    model = build_model(load_model_config("sed-tiny"), seed=3)
+    folder = tmp_path_factory.mktemp("chunked")
+    (folder / CHUNKED_DIR).mkdir()
+    for name, graph in build_chunked_segments(model, "fp32").items():
+        save_graph(graph, folder / chunked_file(name))
+    f, text = planted_inputs(model, 23, seed=6)
+    return folder, {name: getattr(f, name).numpy() for name in ("dense", "res4", "res3", "res2")}, text.numpy()
+
+
+def _chunked_engines(folder: Path, sizes: tuple[int, ...]) -> dict[str, FakeEngine]:
+    """Fake engines carrying the static profiles the builder would give each chunked segment."""
+    from sed_export.trt_profiles import chunked_decoder_profiles
+    from sed_runtime.chunked_decoder import SEGMENTS as CHUNKED
+    from sed_runtime.chunked_decoder import segment_file as chunked_file
+
+    engines = {s: FakeEngine(folder / chunked_file(s)) for s in CHUNKED}
+    shapes = {s: {n: [d if d >= 0 else None for d in shape] for n, shape in e.shapes.items()}
+              for s, e in engines.items()}
+    for seg, profiles in chunked_decoder_profiles(shapes, sizes).items():
+        engines[seg].profiles = [{r.name: (r.min, r.opt, r.max) for r in p.shapes} for p in profiles]
+    return engines
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 8])
+def test_trt_chunked_executor_equals_the_reference(chunked_folder, chunk):
+    """The TensorRT chunked executor (profile per chunk size, numpy staged through device buffers, features bound
+    in place) gives the ONNX Runtime chunked reference's kept sets and scores, at k = 1 (real rejection) and all."""
+    from sed_export.trt_profiles import chunk_sizes
+    from sed_runtime.backends.trt_chunked import TrtChunkedSegments
+    from sed_runtime.chunked_decoder import ort_chunked_segments, run_chunked_decoder
+
+    folder, feats, text = chunked_folder
+    cuda = FakeCuda()
+    engines = _chunked_engines(folder, chunk_sizes(8))
+    ex = TrtChunkedSegments(_TrtSegments(FakeTrt, cuda, stream=0, engines=engines, kernel=None, errors=[]), cuda, 0)
+    dev_feats = {}
+    for name, a in feats.items():
+        ptr = cuda.malloc(a.nbytes)
+        _write(ptr, a)
+        dev_feats[name] = _Dev(ptr, a.shape, a.dtype)
+    reference = ort_chunked_segments(folder)
+    n = text.shape[0]
+    for k in (1, n):
+        want, want_rows, want_kept = run_chunked_decoder(reference, feats, text, k, n)  # one chunk: one pass
+        probs, rows, kept = run_chunked_decoder(ex, dev_feats, text, k, chunk)
+        assert [x.tolist() for x in kept] == [x.tolist() for x in want_kept]
+        assert rows.tolist() == want_rows.tolist()
+        np.testing.assert_allclose(probs, want, rtol=0, atol=1e-5)
+    pre = ex.segments.contexts["chunk_pre"]
+    # 23 classes in fixed sizes (8 + 8 + 4 + 2 + 1 for chunks of 8): every row count met its own static profile
+    assert pre.profile_switches == 0 if chunk == 1 else pre.profile_switches >= 2
+    assert all(ctx.profile_switches == 0 for seg, ctx in ex.segments.contexts.items() if seg == "chunk_skips")
+    ex.close()
+
+
+def test_trt_chunked_executor_refuses_rows_no_profile_was_built_for(chunked_folder):
+    from sed_runtime.backends.trt_chunked import TrtChunkedSegments
+    from sed_runtime.errors import SedUserError
+
+    folder, feats, text = chunked_folder
+    cuda = FakeCuda()
+    ex = TrtChunkedSegments(_TrtSegments(FakeTrt, cuda, stream=0, engines=_chunked_engines(folder, (1, 2, 4)),
+                                         kernel=None, errors=[]), cuda, 0)
+    with pytest.raises(SedUserError, match=r"chunk_pre.plan has no profile for text \(3, 80, 64\)"):
+        ex.run("chunk_pre", {"dense": feats["dense"], "text": text[:3]})

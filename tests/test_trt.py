@@ -126,6 +126,30 @@ def test_split_decoder_profiles_from_the_segment_shapes():
         split_decoder_profiles({**shapes, "decoder1": {**layer, "x": ["M", "C", 24, 24]}}, class_range(5))
 
 
+def test_chunked_plans_get_a_static_profile_per_power_of_two_chunk():
+    """The chunked plans' sizes are exactly the sizes the runner hands out for a power-of-two chunk (so every chunk
+    meets a built profile), and only the inputs with a class axis get ranges."""
+    from sed_export.trt_profiles import chunk_sizes, chunked_decoder_profiles
+    from sed_runtime.chunked_decoder import chunk_spans
+
+    assert chunk_sizes(64) == (1, 2, 4, 8, 16, 32, 64) and chunk_sizes(1) == (1,) and chunk_sizes(100)[-1] == 64
+    for n in (1, 7, 63, 64, 65, 847):
+        assert {rows for _, rows in chunk_spans(n, 64, fixed_sizes=True)} <= set(chunk_sizes(64))
+    with pytest.raises(SedUserError, match="--max-chunk must be >= 1"):
+        chunk_sizes(-3)
+    shapes = {"chunk_skips": {"res4": [1, 768, 24, 24]},
+              "chunk_stats1": {"x": ["T", 128, 24, 24], "total": [1]},
+              "chunk_apply1": {"y": ["T", 128, 24, 24], "cg": ["T", 80, 24, 24], "skip": [1, 64, 48, 48],
+                               "kv": [1, 4, 32, 32, 576], "ksum": [1, 4, 32, 576], "total": [1]}}
+    prof = chunked_decoder_profiles(shapes, (1, 2, 4))
+    assert prof["chunk_skips"] == []  # per image: nothing dynamic
+    assert [p.shapes[0].min for p in prof["chunk_stats1"]] == [(1, 128, 24, 24), (2, 128, 24, 24), (4, 128, 24, 24)]
+    four = {r.name: r for r in prof["chunk_apply1"][2].shapes}
+    assert set(four) == {"y", "cg"} and four["cg"].min == four["cg"].opt == four["cg"].max == (4, 80, 24, 24)
+    check_network_inputs({n: [-1 if d == "T" else d for d in s] for n, s in shapes["chunk_apply1"].items()}, [],
+                         prof["chunk_apply1"], "chunk_apply1.onnx")
+
+
 def test_network_inputs_need_a_range_for_every_dynamic_axis():
     prof = decoder_profile(["N", 80, 64], ClassRange(1, 20, 1024))
     inputs = {"dense": [1, 64, 24, 24], "text": [-1, 80, 64], "k": [1]}
@@ -199,6 +223,22 @@ def test_parse_engines_of_a_split_decoder():
         record(cer="split")
     with pytest.raises(SedUserError, match="unknown CER mode 'magic'"):
         record(cer="magic")
+
+
+def test_parse_engines_with_chunked_plans():
+    from sed_runtime.chunked_decoder import SEGMENTS as CHUNKED
+
+    plan = {"file": "x.plan", "sha256": "0" * 64, "bytes": 10}
+    sec = engines_section()
+    plans = {**sec["plans"], **{s: {**plan, "file": f"decoder_chunked/{s}.plan"} for s in CHUNKED}}
+    rec = record(plans=plans, chunk_sizes=[1, 2, 4, 8])
+    assert rec.chunk_sizes == (1, 2, 4, 8) and rec.chunked_roles == CHUNKED
+    assert rec.plans["chunk_apply3"].file == "decoder_chunked/chunk_apply3.plan"
+    assert record().chunk_sizes == () and record().chunked_roles == ()  # built with --max-chunk 0, or before
+    with pytest.raises(SedUserError, match="malformed"):  # chunk sizes recorded but the plans missing
+        record(chunk_sizes=[1, 2])
+    with pytest.raises(SedUserError, match="not all >= 1"):
+        record(plans=plans, chunk_sizes=[0, 2])
 
 
 def test_version_mismatch_names_both_versions():
@@ -490,6 +530,11 @@ def test_cli_build_refuses_bad_engine_options_before_exporting(tmp_path):
     assert "--cer split shapes TensorRT plans" in line and "--engine tensorrt" in line
     line = one_error_line(run("sed-export", "build", "--vocab", "voc20", "--cer", "magic", "--out", str(out)))
     assert "--cer must be one of" in line
+    line = one_error_line(run("sed-export", "build", "--vocab", "voc20", "--max-chunk", "-4", "--out", str(out)))
+    assert "--max-chunk must be >= 1" in line
+    line = one_error_line(run("sed-export", "build", "--vocab", "voc20", "--engine", "onnx", "--max-chunk", "32",
+                              "--out", str(out)))
+    assert "--max-chunk shapes TensorRT plans" in line
     assert not out.exists()
 
 
@@ -553,6 +598,18 @@ def test_rtx_bundle_manifest_and_plan_hashes(rtx_bundle):
     assert dec_profile["shapes"]["text"] == {"min": [1, 80, 64], "opt": [5, 80, 64], "max": [1024, 80, 64]}
     assert dec_profile["values"]["k"] == {"min": [1], "opt": [5], "max": [1024]}
     assert eng["plans"]["encoder"]["profiles"] == []
+    # the class-chunked plans (default --max-chunk 64): one static profile per power-of-two chunk size
+    from sed_runtime.chunked_decoder import SEGMENTS as CHUNKED
+
+    assert eng["chunk_sizes"] == [1, 2, 4, 8, 16, 32, 64]
+    for seg in CHUNKED:
+        plan = eng["plans"][seg]
+        assert plan["file"] == f"decoder_chunked/{seg}.plan" and plan["onnx"] == m["graphs"][seg]["file"]
+        assert m["files"][plan["file"]]["sha256"] == plan["sha256"] == sha256_file(out / plan["file"])
+        assert len(plan["profiles"]) == (0 if seg == "chunk_skips" else 7)
+    rows = [p["shapes"]["y"]["min"][0] for p in eng["plans"]["chunk_apply2"]["profiles"]]
+    assert rows == eng["chunk_sizes"] and eng["plans"]["chunk_apply2"]["profiles"][3]["shapes"]["cg"]["max"][0] == 8
+    assert parse_engines(m).chunked_roles == CHUNKED
     parse_engines(m)  # the runtime accepts what the builder wrote
     assert not list(out.parent.glob(".*"))  # no temporary folders or caches left beside the bundle
 
@@ -609,12 +666,14 @@ def test_rtx_builds_the_split_decoder_for_real(tmp_path, env):
     lib = _kernel_library(tmp_path / "kernels")
     out = tmp_path / "split"
     cmd = ["sed-export", "build", "--classes", "sky; grass; person; dog; building", "--engine", "tensorrt-rtx",
-           "--cer", "split", "--out", str(out), "--no-progress", "--kernel-lib", str(lib)]
+           "--cer", "split", "--out", str(out), "--no-progress", "--kernel-lib", str(lib), "--max-chunk", "0"]
     r = run(*cmd, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     m = json.loads((out / "manifest.json").read_text())
     eng = m["engines"]
-    assert eng["cer"] == "split" and set(eng["plans"]) == {"encoder", *SEGMENTS}
+    # --max-chunk 0: no class-chunked plans (their ONNX stays, for ONNX Runtime and OpenVINO)
+    assert eng["cer"] == "split" and set(eng["plans"]) == {"encoder", *SEGMENTS} and eng["chunk_sizes"] == []
+    assert "chunk_pre" in m["graphs"] and not (out / "decoder_chunked" / "chunk_pre.plan").exists()
     for seg in SEGMENTS:
         plan = eng["plans"][seg]
         assert plan["file"] == f"decoder_split/{seg}.plan" and plan["onnx"] == m["graphs"][seg]["file"]
@@ -692,6 +751,17 @@ def test_trt_backend_matches_ort_on_gpu(tmp_path):
     np.testing.assert_allclose(a["scores"], b["scores"], atol=2e-3)
     for i in range(3):
         np.testing.assert_array_equal(a[f"kept{i}"], b[f"kept{i}"])
+    # the class-chunked plans, forced by a device budget far below the one-pass peak of 150 classes
+    r = run("sed-run", "infer", str(out / "encoder.plan"), str(IMAGE), "--backend", "trt", "--vocab", "ade150",
+            "--topk", "all", "--max-memory", "0.3", "--save-npz", "--out", str(tmp_path / "chunked"), "--no-progress",
+            env=env)
+    assert r.returncode == 0, r.stderr
+    assert "class-chunked plans" in r.stderr
+    r = run("sed-run", "infer", str(out / "encoder.plan"), str(IMAGE), "--backend", "ort", "--vocab", "ade150",
+            "--topk", "all", "--save-npz", "--out", str(tmp_path / "one-pass"), "--no-progress", env=env)
+    assert r.returncode == 0, r.stderr
+    c, d = np.load(tmp_path / "chunked" / "astronaut.npz"), np.load(tmp_path / "one-pass" / "astronaut.npz")
+    np.testing.assert_allclose(c["scores"], d["scores"], atol=2e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -132,6 +132,13 @@ class Backend(ABC):
         return {"backend": self.name}
 
     def decoder_memory(self) -> DecoderMemory | None:
-        """The host memory the decoder will add per class (`sed_runtime.memory`); None where not modelled
-        (GPU memory, TensorRT)."""
+        """The memory the decoder will add per class (`sed_runtime.memory`), host or device (its `device` says
+        which); None where not modelled."""
         return None
+
+    def free_memory_bytes(self) -> int | None:
+        """What the decoder can still grow into, in the memory `decoder_memory` models: free host memory here; a
+        GPU backend reports the device's free memory."""
+        from ..memory import available_bytes
+
+        return available_bytes()

@@ -60,6 +60,11 @@ class Cuda:
     def sync(self, stream: Any) -> None:
         self.call(self.rt.cudaStreamSynchronize(stream))
 
+    def free_bytes(self) -> int:
+        """Free memory on the current device (what cudaMemGetInfo reports)."""
+        free, _total = self.call(self.rt.cudaMemGetInfo())
+        return int(free)
+
 
 class HostBuffer:
     """A growable pinned host buffer."""

@@ -97,11 +97,17 @@ class TorchBackend(Backend):
         return "topk-union CUDA kernel"
 
     def decoder_memory(self) -> DecoderMemory | None:
-        if self.device.type != "cpu":
+        if self.device.type not in ("cpu", "cuda"):
             return None
         from dataclasses import asdict
 
-        return DecoderMemory.from_settings(asdict(self.config.sed), len(self.model.templates), "torch")
+        return DecoderMemory.from_settings(asdict(self.config.sed), len(self.model.templates),
+                                           "torch" if self.device.type == "cpu" else "torch-cuda")
+
+    def free_memory_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(self._torch.cuda.mem_get_info(self.device)[0])
+        return super().free_memory_bytes()
 
     @property
     def input_spec(self) -> InputSpec:

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import SedUserError
+from ..memory import DecoderMemory
 from ..split_decoder import run_split_decoder
 from ..vocab import Vocabulary
 from .base import Backend, BackendResult, ImageFeatures, InputSpec
@@ -64,7 +65,7 @@ class TrtBackend(Backend):
         root = self.bundle.root
         self.record = parse_engines(self.bundle.manifest, str(root))
         hashed = self.bundle.manifest["files"] if self.bundle.verified else None
-        check_files(root, list(self.record.plans.values()), "plan", hashed)
+        check_files(root, list(self.record.plans.values()), "plan", hashed)  # the chunked plans too
         check_files(root, self.record.plugins, "plugin library", hashed)
         if self.record.kernel is not None:
             check_files(root, [self.record.kernel], "kernel library", hashed)
@@ -110,6 +111,12 @@ class TrtBackend(Backend):
         else:
             self._decoder: tensorrt.ICudaEngine = decoders["decoder"]
             self._setup_decoder()
+        # Class-chunked decoding (`sed_runtime.chunked_decoder`, the bundle's decoder_chunked/ plans): None runs the
+        # one-pass decoder; an int bounds the decoder's device memory to that many classes per step (rounded down
+        # to a chunk size the plans were built for). Its plans are deserialised on first use.
+        self.class_chunk: int | None = None
+        self.cer_select: Any = None  # benchmark hook (sed-bench --kept) for the chunked decoder's CER points
+        self._chunked: Any = None
 
     # -- loading -------------------------------------------------------------------------------------------------
 
@@ -273,11 +280,46 @@ class TrtBackend(Backend):
         self._generation += 1
         return ImageFeatures(None, self.name, self._generation, timings)
 
+    def _features(self) -> dict[str, DeviceTensor]:
+        """The encoder's outputs as device tensors, for decoders that bind them in place."""
+        return {name: DeviceTensor(self._enc_buffers[name], dims(self._enc_ctx.get_tensor_shape(name)),
+                                   self._dtype(self._encoder, name)) for name in FEATURES}
+
+    def chunk_size(self, chunk: int) -> int:
+        """The classes per step a requested chunk runs with: the largest size the chunked plans were built for
+        that is not above it."""
+        if not self.record.chunk_sizes:
+            raise SedUserError(f"{self.bundle.root} has no class-chunked decoder plans (built with --max-chunk 0 or "
+                               "before they existed); rebuild it with `sed-export build --engine ... --force`, or give "
+                               "the decoder more GPU memory (--max-memory)")
+        return max([t for t in self.record.chunk_sizes if t <= chunk] or [min(self.record.chunk_sizes)])
+
+    def _decode_chunked(self, text: np.ndarray, topk: int | None, chunk: int) -> BackendResult:
+        from ..chunked_decoder import decode_chunked
+        from .trt_chunked import TrtChunkedSegments
+
+        size = self.chunk_size(chunk)
+        if self._chunked is None:
+            engines = {role: self._deserialize(role) for role in self.record.chunked_roles}
+            segments = TrtSegments(self._trt, self._cuda, self._stream, engines, None, self._logger.errors,
+                                   self._scratch)
+            self._chunked = TrtChunkedSegments(segments, self._cuda, self._stream)
+        return decode_chunked(self._chunked, self._features(), text, topk, size, self.cer_select)
+
+    def decoder_memory(self) -> DecoderMemory | None:
+        """The GPU memory the decoder adds (one pass, or one chunk of the chunked plans)."""
+        return DecoderMemory.from_settings(self.bundle.manifest["model"]["sed"], len(self.bundle.templates), "trt")
+
+    def free_memory_bytes(self) -> int | None:
+        return self._cuda.free_bytes()
+
     def decode(self, features: ImageFeatures, text: np.ndarray, topk: int | None) -> BackendResult:
         from ..profile_checks import check_classes
 
         self._check_features(features, self._generation)
         n = int(text.shape[0])
+        if self.class_chunk is not None:  # any N: the chunked plans see at most one chunk of classes
+            return self._decode_chunked(text, topk, self.class_chunk)
         check_classes(n, self.record.classes, "this bundle's decoder.plan")
         cuda, stream, s = self._cuda, self._stream, int(self._stream)
         timings: dict[str, float] = {}
@@ -285,8 +327,7 @@ class TrtBackend(Backend):
         text = self._upload_text(text)
         k = n if topk is None else min(topk, n)
         if self._segments is not None:
-            feats = {name: DeviceTensor(self._enc_buffers[name], dims(self._enc_ctx.get_tensor_shape(name)),
-                                        self._dtype(self._encoder, name)) for name in FEATURES}
+            feats = self._features()
             dev_text = DeviceTensor(self._text_dev.ptr, tuple(text.shape), np.dtype(np.float32))
             scores, kept_split = run_split_decoder(self._segments, feats, dev_text, n, k)
             timings["decoder"] = (time.perf_counter() - t0) * 1e3
@@ -348,6 +389,8 @@ class TrtBackend(Backend):
             },
             "cer": self.record.cer if self.record.cer != "split" else
             f"split ({'kernel library' if self.record.kernel else 'host rule'} between segment plans)",
+            "decoder": "one pass over all classes" if self.class_chunk is None else
+            f"class-chunked plans, {self.chunk_size(self.class_chunk)} classes per step",
         }
 
     def close(self) -> None:
@@ -364,6 +407,8 @@ class TrtBackend(Backend):
                 b.close()
             if self._segments is not None:
                 self._segments.close()
+            if getattr(self, "_chunked", None) is not None:
+                self._chunked.close()
             for h in (*self._out_host.values(), self._text_host, self._image_host,
                       *([self._k_pinned] if hasattr(self, "_k_pinned") else [])):
                 h.close()

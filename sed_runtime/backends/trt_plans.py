@@ -51,10 +51,17 @@ class EngineRecord:
     cer: str = "standard-ops"  # standard-ops | plugin: CER inside decoder.plan; split: between segment plans
     kernel: PlanRecord | None = None  # split: the top-k-union kernel library (None: the rule on the host)
     device_memory: Mapping[str, int] = field(default_factory=dict)  # role -> bytes at the profile maximum
+    chunk_sizes: tuple[int, ...] = ()  # the class-chunked plans' static profiles, in order (empty: none built)
 
     @property
     def decoder_roles(self) -> tuple[str, ...]:
         return SEGMENTS if self.cer == "split" else ("decoder",)
+
+    @property
+    def chunked_roles(self) -> tuple[str, ...]:
+        from ..chunked_decoder import SEGMENTS as CHUNKED
+
+        return CHUNKED if self.chunk_sizes else ()
 
 
 def parse_engines(manifest: Mapping[str, Any], where: str = "bundle") -> EngineRecord:
@@ -71,7 +78,10 @@ def parse_engines(manifest: Mapping[str, Any], where: str = "bundle") -> EngineR
 
     try:
         cer = str(eng.get("cer", "standard-ops"))
-        roles = ("encoder", *(SEGMENTS if cer == "split" else ("decoder",)))
+        sizes = tuple(int(t) for t in eng.get("chunk_sizes", []))
+        from ..chunked_decoder import SEGMENTS as CHUNKED
+
+        roles = ("encoder", *(SEGMENTS if cer == "split" else ("decoder",)), *(CHUNKED if sizes else ()))
         plans = {role: plan_record(eng["plans"][role]) for role in roles}
         plugins = tuple(plan_record(p) for p in eng.get("plugins", []))
         kernel = plan_record(eng["kernel"]) if eng.get("kernel") else None
@@ -88,8 +98,10 @@ def parse_engines(manifest: Mapping[str, Any], where: str = "bundle") -> EngineR
     cc = eng.get("compute_capability")
     if cer not in ("standard-ops", "plugin", "split"):
         raise SedUserError(f"{where}: unknown CER mode {cer!r} in the manifest; rebuild with this sed-deploy")
+    if any(t < 1 for t in sizes):
+        raise SedUserError(f"{where}: chunk sizes {list(sizes)} in the manifest are not all >= 1; rebuild with --force")
     return EngineRecord(engine, version, None if cc is None else str(cc), classes, plans, plugins,
-                        str(eng.get("precision", manifest.get("precision", "?"))), cer, kernel, device_memory)
+                        str(eng.get("precision", manifest.get("precision", "?"))), cer, kernel, device_memory, sizes)
 
 
 def check_files(

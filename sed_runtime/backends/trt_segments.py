@@ -50,6 +50,27 @@ class TrtSegments:
         self.outputs: dict[tuple[str, str], DeviceBuffer] = {}
         self.keep, self.count, self.workspace = DeviceBuffer(cuda), DeviceBuffer(cuda), DeviceBuffer(cuda)
         self.host = HostBuffer(cuda)
+        self.active_profile: dict[str, int] = {}  # segment -> the profile its context runs (plans with several)
+
+    def _select_profile(self, segment: str, ctx: Any, feeds: Mapping[str, Any]) -> None:
+        """A plan with several optimisation profiles (the class-chunked plans: one static profile per chunk size)
+        runs the first one that admits every input's shape; switching is a stream-ordered call, done only when the
+        shapes change profile."""
+        engine = self.engines[segment]
+        count = int(getattr(engine, "num_optimization_profiles", 1))
+        if count <= 1:
+            return
+        dynamic = [name for name, t in feeds.items() if any(d < 0 for d in dims(engine.get_tensor_shape(name)))]
+        for index in range(count):
+            if all(_admits(engine.get_tensor_profile_shape(name, index), feeds[name].shape) for name in dynamic):
+                break
+        else:
+            shapes = ", ".join(f"{name} {tuple(feeds[name].shape)}" for name in dynamic)
+            raise SedUserError(f"{segment}.plan has no profile for {shapes}; rebuild the bundle with --force")
+        if self.active_profile.get(segment, 0) != index:
+            if not ctx.set_optimization_profile_async(index, int(self.stream)):
+                raise RuntimeError(f"{segment}: switching to profile {index} failed: {self.errors[-1:]}")
+            self.active_profile[segment] = index
 
     def _dtype(self, segment: str, name: str) -> np.dtype[Any]:
         return np.dtype(self.trt.nptype(self.engines[segment].get_tensor_dtype(name)))
@@ -57,6 +78,7 @@ class TrtSegments:
     def run(self, segment: str, feeds: Mapping[str, Any]) -> Mapping[str, Any]:
         trt, ctx, engine = self.trt, self.contexts[segment], self.engines[segment]
         out_names = []
+        self._select_profile(segment, ctx, feeds)
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
@@ -117,3 +139,9 @@ class TrtSegments:
             b.close()
         self.host.close()
         self.scratch.close()
+
+
+def _admits(profile: Any, shape: tuple[int, ...]) -> bool:
+    """Whether an input shape lies inside one profile's (min, opt, max) dimensions."""
+    lo, _, hi = (dims(d) for d in profile)
+    return len(lo) == len(shape) and all(a <= s <= b for a, s, b in zip(lo, shape, hi))
