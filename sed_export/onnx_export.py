@@ -28,6 +28,7 @@ from sed_runtime.split_decoder import LAST_OUTPUTS, LAYER_OUTPUTS, LAYERS, PRE, 
 
 from .model import SedModel
 from .onnx_cer import SubGraph, gather_rows, topk_union_graph
+from .onnx_fp16 import fuse_layernorm_casts
 
 OPSET = 18
 PRECISIONS = ("fp32", "fp16")
@@ -131,7 +132,9 @@ def _export(
             dynamo=False,
             do_constant_folding=True,
         )
-    return onnx.load_from_string(buf.getvalue())
+    model = onnx.load_from_string(buf.getvalue())
+    fuse_layernorm_casts(model)  # fp16 graphs: norms in fp16 with an fp32 stash instead of Cast pairs
+    return model
 
 
 def _inline(graph: SubGraph, model: onnx.ModelProto, prefix: str, feeds: dict[str, str]) -> dict[str, str]:

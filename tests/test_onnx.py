@@ -126,6 +126,11 @@ def test_fp16_graphs_agree_with_fp32_on_segmentation(model, decoder_fp32):
     for graph in (enc16, dec16):
         types = {i.type for i in graph.get_inputs()} | {o.type for o in graph.get_outputs()}
         assert "tensor(float16)" not in types  # fp32 at the boundaries, fp16 inside
+    for graph in (build_encoder_graph(model, "fp16"), build_decoder_graph(model, "fp16")):
+        norms = [n for n in graph.graph.node if n.op_type == "LayerNormalization"]
+        casts = {o for n in graph.graph.node if n.op_type == "Cast" for o in n.output}
+        assert norms and all(n.input[0] not in casts for n in norms)  # no Cast pair left around a LayerNorm
+        assert all(any(a.name == "stash_type" and a.i == 1 for a in n.attribute) for n in norms)
     g = torch.Generator().manual_seed(4)
     image = torch.randn(1, 3, 768, 768, generator=g).numpy()
     text = F.normalize(torch.randn(20, 80, 64, generator=g), dim=-1).numpy()
@@ -180,3 +185,48 @@ def test_split_decoder_segments_equal_the_one_graph_decoder(model, tmp_path, pre
     assert shrunk_later  # the later CER points (gathers inside decoder2/3) were exercised too
     with pytest.raises(ValueError, match="k must be >= 1"):
         run_split_decoder(runner, feeds, feeds["text"], n, 0)
+
+
+def test_layernorm_cast_pairs_become_an_fp16_norm_with_an_fp32_stash():
+    """Cast(fp32) -> Transpose -> LayerNormalization -> Transpose -> Cast(fp16), as torch exports timm's LayerNorm2d
+    in the fp16 graphs, becomes one fp16 norm with an fp32 stash between the Transposes; a norm whose input is
+    fp32 is left alone; the result stays within fp16 rounding of the original."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sed_export.onnx_fp16 import fuse_layernorm_casts
+
+    rng = np.random.default_rng(0)
+    scale = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "scale")
+    bias = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "bias")
+    nodes = [
+        helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["x32"], ["xt"], perm=[0, 2, 3, 1]),
+        helper.make_node("Identity", ["scale"], ["scale_id"]),
+        helper.make_node("LayerNormalization", ["xt", "scale_id", "bias"], ["yt"], axis=-1, epsilon=1e-6),
+        helper.make_node("Transpose", ["yt"], ["y32"], perm=[0, 3, 1, 2]),
+        helper.make_node("Cast", ["y32"], ["y"], to=TensorProto.FLOAT16),
+        # an fp32 input: no Cast pair, nothing to rewrite
+        helper.make_node("LayerNormalization", ["z", "scale", "bias"], ["w"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 8, 4, 4]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 8, 4, 4]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 8])],
+        [scale, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    feeds = {"x": (rng.standard_normal((1, 8, 4, 4)) * 300).astype(np.float16),  # fp16 squares overflow: stash
+             "z": rng.standard_normal((2, 8)).astype(np.float32)}
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert fuse_layernorm_casts(model) == 1
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert "Cast" not in ops and ops.count("LayerNormalization") == 2
+    fused = next(n for n in model.graph.node if n.op_type == "LayerNormalization" and n.output[0] == "yt")
+    assert {a.name: a.i for a in fused.attribute}["stash_type"] == 1
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert after[0].dtype == np.float16 and np.isfinite(after[0]).all()
+    np.testing.assert_allclose(after[0].astype(np.float32), before[0].astype(np.float32), atol=2e-2, rtol=2e-3)
+    np.testing.assert_array_equal(after[1], before[1])
+    assert fuse_layernorm_casts(model) == 0  # nothing left to rewrite
