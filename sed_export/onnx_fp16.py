@@ -127,8 +127,28 @@ def fuse_layernorm_casts(model: onnx.ModelProto) -> int:
         return 0
     gone = {id(n) for n in removed}
     kept_nodes = [n for n in graph.node if id(n) not in gone]
+    # the fp32 scale and bias (and Identity or Constant nodes that only fed them) are unused now: drop them, so
+    # runtimes do not warn about dead initializers (not in graphs with subgraphs, which may read outer names)
+    has_subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                        for n in kept_nodes for a in n.attribute)
+    candidates = [] if has_subgraphs else list(fp16_consts)
+    dropped: set[str] = set()
+    while candidates:
+        name = candidates.pop()
+        if name in outputs or any(name in n.input for n in kept_nodes):
+            continue
+        node = producer.get(name)
+        if node is not None and node.op_type in ("Identity", "Constant") and id(node) not in gone:
+            gone.add(id(node))
+            kept_nodes = [n for n in kept_nodes if n is not node]
+            candidates.extend(node.input)
+        elif name in inits:
+            dropped.add(name)
     del graph.node[:]
     graph.node.extend(kept_nodes)
+    inits_left = [i for i in graph.initializer if i.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(inits_left)
     # the rewired tensors are fp16 now: drop what the export recorded about them
     vi = [v for v in graph.value_info if v.name not in stale]
     del graph.value_info[:]
