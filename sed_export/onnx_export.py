@@ -36,7 +36,7 @@ PRECISIONS = ("fp32", "fp16")
 ENCODER_INPUTS = ["image"]
 ENCODER_OUTPUTS = ["dense", "res4", "res3", "res2"]
 DECODER_INPUTS = ["dense", "text", "res4", "res3", "res2", "k"]
-DECODER_OUTPUTS = ["scores", "kept0", "kept1", "kept2"]
+DECODER_OUTPUTS = ["scores", "kept0", "kept1", "kept2", "probs"]
 
 
 def _compute_dtype(precision: str) -> torch.dtype:
@@ -242,7 +242,11 @@ def build_decoder_segments(
 def build_decoder_graph(
     model: SedModel, precision: str = "fp32", parts: DecoderParts | None = None
 ) -> onnx.ModelProto:
-    """One ONNX graph: (dense, text, res4, res3, res2, k) -> (scores, kept0, kept1, kept2)."""
+    """One ONNX graph: (dense, text, res4, res3, res2, k) -> (scores, kept0, kept1, kept2, probs).
+
+    `scores` is the documented N x h x w block (0 for rejected classes); `probs` the K2 x h x w rows of the last
+    survivors `kept2` alone, which backends fetch instead (a runtime asked only for it never builds the block).
+    """
     parts = parts or export_decoder_parts(model, precision)
     pre, layer_specs, e, p = parts.pre, parts.layers, parts.embed_dim, parts.num_templates
     cfg = model.config
@@ -281,6 +285,7 @@ def build_decoder_graph(
     )
     g.node("Unsqueeze", ["kept2", g.const("axis_1", np.array([1], np.int64))], ["kept2_col"], "KeptColumn")
     g.node("ScatterND", ["scores_zero", "kept2_col", probs], ["scores"], "ScatterSurvivors")
+    g.node("Identity", [probs], ["probs"], "KeptProbabilities")
 
     s = cfg.sed.input_size
     inputs = [
@@ -297,6 +302,7 @@ def build_decoder_graph(
         _value_info("kept0", TensorProto.INT64, ["K0"]),
         _value_info("kept1", TensorProto.INT64, ["K1"]),
         _value_info("kept2", TensorProto.INT64, ["K2"]),
+        _value_info("probs", TensorProto.FLOAT, ["K2", h, h]),
     ]
     return _finish(g, "sed_decoder", inputs, outputs, pre)
 

@@ -141,7 +141,8 @@ def _readme(bundle: Bundle, platform: str) -> str:
     lines = [
         f"# Triton model repository for {bundle.model_name} ({bundle.manifest['precision']}, {platform})", "",
         f"Exported by `sed-export triton` from `{bundle.root}`. Models: `{NAMES['encoder']}` (image -> features),",
-        f"`{NAMES['decoder']}` (features + text embeddings N x P x E + k -> scores N x h x w, kept0..2),",
+        f"`{NAMES['decoder']}` (features + text embeddings N x P x E + k -> scores N x h x w, kept0..2, and probs:",
+        "the kept2 rows alone),",
         f"`{NAMES['text_encoder']}` (tokens from the bundle's tokenizer.json -> text features), and the ensemble",
         f"`{ENSEMBLE}` (image + text + k -> scores and kept). Text embeddings are per vocabulary: compute them once",
         "(`sed-export embed-text`, or the bundle's `text/*.safetensors`) and send them with every request.", "",

@@ -73,6 +73,15 @@ def run_split_decoder(
     `k` >= N keeps every class (full mode). The kept lists are original class indices, as in the one-graph
     decoder's kept0..kept2 outputs.
     """
+    probs, alive, kept = run_split_decoder_rows(ex, features, text, num_classes, k)
+    return expand_rows(probs, alive, num_classes), kept
+
+
+def run_split_decoder_rows(
+    ex: SegmentExecutor, features: Mapping[str, Any], text: Any, num_classes: int, k: int
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """`run_split_decoder` in the kept-only form: (the last survivors' probabilities (K, h, w) float32, their
+    sorted original indices, the kept indices per CER point)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     feeds = {name: features[name] for name in PRE_INPUTS if name != "text"}
@@ -88,8 +97,7 @@ def run_split_decoder(
         out = ex.run(segment, {"x": x, "cg": cg, "skip": pre[f"skip{i}"], "keep": keep_tensor})
         if segment != LAYERS[-1]:
             x, cg, aux = out["x_out"], out["g_out"], out["aux_out"]
-    probs = ex.to_host(out["probs"]).astype(np.float32, copy=False)
-    return expand_rows(probs, alive, num_classes), kept
+    return ex.to_host(out["probs"]).astype(np.float32, copy=False), alive, kept
 
 
 class HostCer:

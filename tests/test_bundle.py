@@ -245,6 +245,26 @@ def test_low_memory_decoder_gives_identical_results(bundle, env, monkeypatch):
     np.testing.assert_array_equal(a.seg, b.seg)
 
 
+def test_one_graph_decoder_hands_over_kept_only_rows(bundle, env, monkeypatch):
+    """ONNX Runtime asks the one-graph decoder for `probs` (the last survivors' rows) instead of the N x h x w
+    block; expanded, they are the block."""
+    monkeypatch.setenv("SED_CACHE_DIR", env["SED_CACHE_DIR"])
+    import onnxruntime as ort
+
+    from sed_runtime.backends.ort_backend import OrtBackend
+    from sed_runtime.preprocess import load_image
+
+    backend = OrtBackend(bundle)
+    features = backend.encode_image(backend.input_spec.preprocess(load_image(IMAGE)).tensor)
+    text = backend.encode_text(_bundle_vocab(bundle), progress=False)
+    result = backend.decode(features, text, 2)
+    assert result.rows is not None and result.rows.tolist() == result.kept[2].tolist()
+    assert result.scores.shape == (len(result.rows), 192, 192)
+    session = ort.InferenceSession(str(bundle / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    (block,) = session.run(["scores"], {**features.data, "text": text, "k": np.array([2], np.int64)})
+    np.testing.assert_array_equal(result.full_scores(len(text)), block)
+
+
 def _bundle_vocab(bundle):
     from sed_runtime.vocab import Vocabulary
 

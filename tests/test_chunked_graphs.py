@@ -67,7 +67,7 @@ def graphs(tmp_path_factory):
 @pytest.mark.parametrize("k", [1, 2, 8, N], ids=["k=1", "k=2", "k=8", "k=all"])
 def test_chunked_segments_equal_the_one_graph_decoder(graphs, chunk, k):
     segments, features, text, reference, _ = graphs
-    scores, *kept = reference[k]
+    scores, *kept, _ = reference[k]
     probs, alive, got_kept = run_chunked_decoder(segments, features, text, k, chunk)
     assert float(np.abs(expand_rows(probs, alive, N) - scores).max()) <= 1e-5
     assert [g.tolist() for g in got_kept] == [w.tolist() for w in kept]
@@ -99,7 +99,7 @@ def test_openvino_chunked_segments_equal_the_one_graph_decoder(graphs, k):
     from sed_runtime.backends.openvino_backend import OpenVinoSegments
 
     _, features, text, reference, root = graphs
-    scores, *kept = reference[k]
+    scores, *kept, _ = reference[k]
     for static in (False, True):
         segments = OpenVinoSegments(ov.Core(), root, {"INFERENCE_PRECISION_HINT": "f32"}, static=static)
         probs, alive, got_kept = run_chunked_decoder(segments, features, text, k, 7)

@@ -420,7 +420,7 @@ def test_standard_op_twin_still_matches_the_reference_after_rewrite(tiny_model, 
     for k in (1, 2, 8):
         with torch.inference_mode():
             ref = tiny_model.decode(feats, text, topk=k)
-        scores, *kept = sess.run(None, decoder_feed(feats, text, k))
+        scores, *kept = sess.run(["scores", "kept0", "kept1", "kept2"], decoder_feed(feats, text, k))
         assert [x.tolist() for x in kept] == [x.tolist() for x in ref.kept]
         np.testing.assert_allclose(scores, ref.scores.numpy(), atol=1e-3, rtol=0)
 

@@ -221,9 +221,11 @@ class OpenVinoBackend(Backend):
         out = decoder({**features.data, "text": np.ascontiguousarray(text, dtype=np.float32),
                        "k": np.array([k], dtype=np.int64), **self.extra_decoder_inputs})
         timings["decoder"] = (time.perf_counter() - t0) * 1e3
-        scores = np.asarray(out["scores"], dtype=np.float32)
         kept = None if topk is None else [np.asarray(out[f"kept{i}"], dtype=np.int32) for i in range(3)]
-        return BackendResult(scores=scores, kept=kept, timings_ms=timings)
+        if any("probs" in o.get_names() for o in decoder.outputs):  # kept-only rows (graphs since `probs`)
+            return BackendResult(scores=np.asarray(out["probs"], dtype=np.float32),
+                                 rows=np.asarray(out["kept2"], dtype=np.int32), kept=kept, timings_ms=timings)
+        return BackendResult(scores=np.asarray(out["scores"], dtype=np.float32), kept=kept, timings_ms=timings)
 
     def _decode_chunked(self, features: ImageFeatures, text: np.ndarray, topk: int | None, chunk: int
                         ) -> BackendResult:

@@ -75,13 +75,16 @@ class OrtBackend(Backend):
         k = n if topk is None else min(topk, n)
         if self.class_chunk is not None and not self.extra_decoder_inputs:
             return self._decode_chunked(features, text, topk, self.class_chunk)
+        # kept-only: the survivors' rows and indices; graphs from before the `probs` output give the N-row block
+        kept_only = "probs" in {o.name for o in self.decoder.get_outputs()}
         t0 = time.perf_counter()
-        scores, *kept = self.decoder.run(None, {
+        first, *kept = self.decoder.run(["probs" if kept_only else "scores", "kept0", "kept1", "kept2"], {
             **features.data, "text": np.ascontiguousarray(text, dtype=np.float32),
             "k": np.array([k], dtype=np.int64), **self.extra_decoder_inputs,
         })
         return BackendResult(
-            scores=scores, kept=None if topk is None else [np.asarray(x, dtype=np.int32) for x in kept],
+            scores=first, rows=np.asarray(kept[2], dtype=np.int32) if kept_only else None,
+            kept=None if topk is None else [np.asarray(x, dtype=np.int32) for x in kept],
             timings_ms={"decoder": (time.perf_counter() - t0) * 1e3},
         )
 

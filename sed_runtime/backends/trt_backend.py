@@ -19,7 +19,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import SedUserError
 from ..memory import DecoderMemory
-from ..split_decoder import run_split_decoder
+from ..split_decoder import run_split_decoder_rows
 from ..vocab import Vocabulary
 from .base import Backend, BackendResult, ImageFeatures, InputSpec
 from .cuda_memory import ContextMemory, Cuda, DeviceBuffer, HostBuffer, make_output_allocator
@@ -329,10 +329,10 @@ class TrtBackend(Backend):
         if self._segments is not None:
             feats = self._features()
             dev_text = DeviceTensor(self._text_dev.ptr, tuple(text.shape), np.dtype(np.float32))
-            scores, kept_split = run_split_decoder(self._segments, feats, dev_text, n, k)
+            probs, alive, kept_split = run_split_decoder_rows(self._segments, feats, dev_text, n, k)
             timings["decoder"] = (time.perf_counter() - t0) * 1e3
             kept_out = None if topk is None else [x.astype(np.int32) for x in kept_split]
-            return BackendResult(scores=scores, kept=kept_out, timings_ms=timings)
+            return BackendResult(scores=probs, rows=alive.astype(np.int32), kept=kept_out, timings_ms=timings)
         ctx = self._dec_ctx
         ctx.set_tensor_address("text", self._text_dev.ptr)
         if not ctx.set_input_shape("text", tuple(text.shape)):
@@ -356,6 +356,8 @@ class TrtBackend(Backend):
         outputs: dict[str, np.ndarray] = {}
         shapes = {name: dims(ctx.get_tensor_shape(name)) for name in static}
         shapes.update({name: self._allocator.shapes[name] for name in dynamic})
+        if "probs" in shapes:  # kept-only rows: the N x h x w block stays on the device (125 MB at N = 847)
+            del shapes["scores"]
         for name, shape in shapes.items():
             dtype = self._dtype(self._decoder, name)
             nbytes = int(np.prod(shape)) * dtype.itemsize if len(shape) else dtype.itemsize
@@ -369,6 +371,9 @@ class TrtBackend(Backend):
             outputs[name] = self._out_host[name].array(self._dtype(self._decoder, name), shape).copy()
         timings["decoder"] = (time.perf_counter() - t0) * 1e3
         kept = None if topk is None else [outputs[f"kept{i}"].astype(np.int32) for i in range(3)]
+        if "probs" in outputs:
+            return BackendResult(scores=outputs["probs"].astype(np.float32, copy=False),
+                                 rows=outputs["kept2"].astype(np.int32), kept=kept, timings_ms=timings)
         return BackendResult(scores=outputs["scores"].astype(np.float32, copy=False), kept=kept, timings_ms=timings)
 
     def describe(self) -> dict[str, Any]:
