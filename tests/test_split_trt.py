@@ -207,21 +207,30 @@ class FakeKernel:
         self.launches += 1
 
 
-@pytest.fixture(scope="module")
-def split_folder(tmp_path_factory):
+def _tiny_segments(tmp_path_factory, layout: str, classes: int):
+    """sed-tiny's decoder segments of one layout ("split" or "chunked") saved in a fresh folder, and planted
+    inputs for `classes` classes."""
     from sed_export.config import load_model_config
     from sed_export.model import build_model
+    from sed_export.onnx_chunked import build_chunked_segments
     from sed_export.onnx_export import build_decoder_segments, save_graph
+    from sed_runtime.chunked_decoder import CHUNKED_DIR
+    from sed_runtime.chunked_decoder import segment_file as chunked_file
 
+    build, subdir, file = ((build_decoder_segments, SPLIT_DIR, segment_file) if layout == "split" else
+                           (build_chunked_segments, CHUNKED_DIR, chunked_file))
     model = build_model(load_model_config("sed-tiny"), seed=3)
-    folder = tmp_path_factory.mktemp("split")
-    (folder / SPLIT_DIR).mkdir()
-    for name, graph in build_decoder_segments(model, "fp32").items():
-        save_graph(graph, folder / segment_file(name))
-    f, text = planted_inputs(model, 60, seed=6)
-    feats = {name: getattr(f, name).numpy() for name in ("dense", "res4", "res3", "res2")}
-    text = text.numpy()
-    return folder, feats, text
+    folder = tmp_path_factory.mktemp(layout)
+    (folder / subdir).mkdir()
+    for name, graph in build(model, "fp32").items():
+        save_graph(graph, folder / file(name))
+    f, text = planted_inputs(model, classes, seed=6)
+    return folder, {name: getattr(f, name).numpy() for name in ("dense", "res4", "res3", "res2")}, text.numpy()
+
+
+@pytest.fixture(scope="module")
+def split_folder(tmp_path_factory):
+    return _tiny_segments(tmp_path_factory, "split", 60)
 
 
 @pytest.mark.parametrize("with_kernel", [False, True], ids=["host-rule", "kernel-library"])
@@ -303,20 +312,7 @@ def test_buffers_never_hand_out_a_null_pointer():
 
 @pytest.fixture(scope="module")
 def chunked_folder(tmp_path_factory):
-    from sed_export.config import load_model_config
-    from sed_export.model import build_model
-    from sed_export.onnx_chunked import build_chunked_segments
-    from sed_export.onnx_export import save_graph
-    from sed_runtime.chunked_decoder import CHUNKED_DIR
-    from sed_runtime.chunked_decoder import segment_file as chunked_file
-
-    model = build_model(load_model_config("sed-tiny"), seed=3)
-    folder = tmp_path_factory.mktemp("chunked")
-    (folder / CHUNKED_DIR).mkdir()
-    for name, graph in build_chunked_segments(model, "fp32").items():
-        save_graph(graph, folder / chunked_file(name))
-    f, text = planted_inputs(model, 23, seed=6)
-    return folder, {name: getattr(f, name).numpy() for name in ("dense", "res4", "res3", "res2")}, text.numpy()
+    return _tiny_segments(tmp_path_factory, "chunked", 23)
 
 
 def _chunked_engines(folder: Path, sizes: tuple[int, ...]) -> dict[str, FakeEngine]:

@@ -239,6 +239,13 @@ def test_parse_engines_with_chunked_plans():
         record(chunk_sizes=[1, 2])
     with pytest.raises(SedUserError, match="not all >= 1"):
         record(plans=plans, chunk_sizes=[0, 2])
+    from sed_runtime.backends.trt_plans import plan_chunk
+
+    # the chunk the memory budget allows, rounded down to a size the plans were built for
+    assert [plan_chunk(rec, c) for c in (1, 7, 8, 47, 1000)] == [1, 4, 8, 8, 8]
+    assert plan_chunk(record(plans=plans, chunk_sizes=[4, 8]), 2) == 4  # below every size: the smallest
+    with pytest.raises(SedUserError, match="no class-chunked decoder plans.*--max-chunk 0"):
+        plan_chunk(record(), 16)
 
 
 def test_version_mismatch_names_both_versions():

@@ -33,6 +33,7 @@ from .trt_plans import (
     check_version,
     parse_engines,
     plan_buffers,
+    plan_chunk,
 )
 from .trt_segments import DeviceTensor, TrtSegments
 
@@ -286,13 +287,8 @@ class TrtBackend(Backend):
                                    self._dtype(self._encoder, name)) for name in FEATURES}
 
     def chunk_size(self, chunk: int) -> int:
-        """The classes per step a requested chunk runs with: the largest size the chunked plans were built for
-        that is not above it."""
-        if not self.record.chunk_sizes:
-            raise SedUserError(f"{self.bundle.root} has no class-chunked decoder plans (built with --max-chunk 0 or "
-                               "before they existed); rebuild it with `sed-export build --engine ... --force`, or give "
-                               "the decoder more GPU memory (--max-memory)")
-        return max([t for t in self.record.chunk_sizes if t <= chunk] or [min(self.record.chunk_sizes)])
+        """The classes per step a requested chunk runs with (`trt_plans.plan_chunk`)."""
+        return plan_chunk(self.record, chunk, str(self.bundle.root))
 
     def _decode_chunked(self, text: np.ndarray, topk: int | None, chunk: int) -> BackendResult:
         from ..chunked_decoder import decode_chunked

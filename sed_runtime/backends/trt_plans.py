@@ -104,6 +104,17 @@ def parse_engines(manifest: Mapping[str, Any], where: str = "bundle") -> EngineR
                         str(eng.get("precision", manifest.get("precision", "?"))), cer, kernel, device_memory, sizes)
 
 
+def plan_chunk(record: EngineRecord, chunk: int, where: str = "bundle") -> int:
+    """Classes per step for a requested chunk on the class-chunked plans: the largest size they were built for
+    that is not above it (the runner then only cuts chunks of built sizes); refused in one line when the bundle
+    has no chunked plans."""
+    if not record.chunk_sizes:
+        raise SedUserError(f"{where} has no class-chunked decoder plans (built with --max-chunk 0 or before they "
+                           "existed); rebuild it with `sed-export build --engine ... --force`, or give the decoder "
+                           "more GPU memory (--max-memory)")
+    return max([t for t in record.chunk_sizes if t <= chunk] or [min(record.chunk_sizes)])
+
+
 def check_files(
     root: Path, records: Sequence[PlanRecord], what: str, hashed: Mapping[str, Mapping[str, Any]] | None = None
 ) -> None:
