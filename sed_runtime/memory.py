@@ -20,7 +20,7 @@ from typing import Any
 from .errors import MemoryBudgetError
 
 __all__ = ["DecoderMemory", "available_bytes", "check_fits", "choose_class_chunk", "decoder_elements", "held_elements",
-           "peak_rss_mb", "reset_peak_rss", "rss_mb"]
+           "peak_rss_mb", "reset_peak_rss", "rss_mb", "trim_heap"]
 
 # bytes per counted element, fitted on measured peaks (increment over the loaded process, every class kept):
 # torch 4.76 (sed-b grid, 25 cells; within 20% for cells above 1 GB). ONNX Runtime with its arena: 5.9 / 6.7 /
@@ -84,6 +84,12 @@ def held_elements(sed: Mapping[str, Any], num_templates: int) -> tuple[float, fl
 # was 8.3-11.9 bytes per working-set element), so its upper end is used, and it still under-predicts A-847.
 CHUNKED_BYTES_PER_ELEMENT = BYTES_PER_ELEMENT["torch"]
 CHUNK_WORKING_SET_BYTES = {"torch": 6.0, "ort": 5.5, "ort-low-memory": 5.5, "openvino": 12.0}
+# OpenVINO holds more per class than the others and keeps its compiled segment programs whatever N and the
+# chunk. Refitted with the heap trimmed between segments (`trim_heap`) on sed-b, every class kept, budget 3 GiB:
+# 459 in chunks of 34 peaked at 2.36 GiB and 847 in chunks of 17 at 3.12 GiB (benchmarks/chunked_decoder.py),
+# which give 6.4 bytes per held element and 0.11 GiB fixed.
+CHUNKED_HELD_BYTES = {"openvino": 6.4}
+CHUNKED_FIXED_BYTES = {"openvino": 0.11 * 2**30}
 # GPU memory (the decoder's device memory, not the process's RSS): torch on CUDA and the TensorRT plans. No GPU has
 # fitted these yet, so they are CPU torch's factors (the same fp32 tensors; TensorRT reuses activation memory
 # within a plan, so for it they should be an upper end). benchmarks/gpu_session.sh measures the device peak of a
@@ -107,6 +113,7 @@ class DecoderMemory:
     chunk_bytes_per_class: tuple[float, float, float] = (0.0, 0.0, 0.0)
     chunk_pre_bytes_per_class: float = 0.0
     device: str = "host"  # whose memory: "host" (RSS) or "cuda" (the GPU's)
+    chunk_fixed_bytes: float = 0.0  # held by a chunked run whatever N and the chunk (compiled programs)
 
     @classmethod
     def from_settings(cls, sed: Mapping[str, Any], num_templates: int, backend: str) -> DecoderMemory:
@@ -114,21 +121,21 @@ class DecoderMemory:
         fitted = DEVICE_BACKENDS.get(backend, backend)
         factor = BYTES_PER_ELEMENT[fitted]
         chunk_factor = CHUNK_WORKING_SET_BYTES[fitted]
-        held_factor = 0.0 if backend in HELD_ON_HOST else CHUNKED_BYTES_PER_ELEMENT
+        held_factor = 0.0 if backend in HELD_ON_HOST else CHUNKED_HELD_BYTES.get(backend, CHUNKED_BYTES_PER_ELEMENT)
         pre, layers = decoder_elements(sed, num_templates)
         held = tuple(h * held_factor for h in held_elements(sed, num_templates))
         return cls(pre * factor, (layers[0] * factor, layers[1] * factor, layers[2] * factor), backend,
                    pre * held_factor, (held[0], held[1], held[2]),
                    (layers[0] * chunk_factor, layers[1] * chunk_factor, layers[2] * chunk_factor), pre * chunk_factor,
-                   "cuda" if backend in DEVICE_BACKENDS else "host")
+                   "cuda" if backend in DEVICE_BACKENDS else "host", CHUNKED_FIXED_BYTES.get(backend, 0.0))
 
     def chunked_peak_bytes(self, num_classes: int, chunk: int, kept: Sequence[int] | None = None) -> float:
         """Peak of the class-chunked decoder: what it holds for every alive class plus one chunk's working set,
         at the stage where that is largest (the pre-CER pass or one of the layers)."""
         counts = _kept_counts(num_classes, kept)
         pre = self.held_pre_bytes_per_class * num_classes + self.chunk_pre_bytes_per_class * min(chunk, num_classes)
-        return max(pre, *(h * k + b * min(chunk, k)
-                          for h, b, k in zip(self.held_bytes_per_class, self.chunk_bytes_per_class, counts)))
+        return self.chunk_fixed_bytes + max(pre, *(h * k + b * min(chunk, k) for h, b, k in
+                                                   zip(self.held_bytes_per_class, self.chunk_bytes_per_class, counts)))
 
     def peak_bytes(self, num_classes: int, kept: Sequence[int] | None = None) -> float:
         """Peak added by one image: N classes before CER, `kept[i]` through layer i (None: every class)."""
@@ -177,6 +184,32 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the system (glibc `malloc_trim`); False where there is no glibc.
+
+    Why: large buffers that native runtimes free in between segment runs stay in the process as free heap,
+    fragmented, and the next segment's buffers do not fit into them. OpenVINO's class-chunked decoder at sed-b
+    A-847 (chunks of 23) peaked at 3.72-3.73 GiB without it and 3.20-3.26 GiB with it, in the same time (two runs
+    each, alternating).
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018  (musl and macOS have no malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
+_LIBC: Any = None
 
 
 def available_bytes() -> int | None:

@@ -27,7 +27,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..bundle_text import BundleText
 from ..errors import SedUserError
-from ..memory import DecoderMemory
+from ..memory import DecoderMemory, trim_heap
 from ..split_decoder import HostCer
 from ..vocab import Vocabulary
 from .base import Backend, BackendResult, ImageFeatures, InputSpec
@@ -109,6 +109,7 @@ class OpenVinoSegments(HostCer):
             # Each compiled program keeps its own intermediate buffers; the segments run one after another, so
             # the one that is done gives them back (sed-tiny, N = 40 and 100: a 10-30% lower peak).
             self._last.release_memory()
+            trim_heap()  # and what it gave back leaves the process instead of fragmenting the heap
         self._last = program
         out = program({name: np.ascontiguousarray(v) for name, v in feeds.items()})
         return {name: out[name] for name in segment_outputs(segment)}
