@@ -61,8 +61,11 @@ def main(
         help="Skip cells whose peak RSS, extrapolated from the cells measured before, would exceed this.")] = None,
     max_memory: Annotated[Optional[float], typer.Option(
         help="Decoder memory budget in GiB (its working set, beyond what the process holds): a cell whose one-pass "
-             "decoder is predicted to exceed it runs class-chunked (torch, ort); the report says with what chunk.")] = (
-        None),
+             "decoder is predicted to exceed it runs class-chunked (torch, ort, openvino, trt); the report says with "
+             "what chunk.")] = None,
+    class_chunk: Annotated[Optional[int], typer.Option(
+        help="Run every cell class-chunked with this many classes per step (capped at N), whatever --max-memory "
+             "would choose: what a chunk size costs.")] = None,
     calib: Annotated[str, typer.Option(
         help="int8 variants without a bundle: calibration images, a folder or 'shapes' (generated scenes).")] = (
         "shapes"),
@@ -101,6 +104,10 @@ def main(
         raise SedUserError(f"--precision must be fp32 or fp16, got {precision!r}")
     if max_memory is not None and max_memory <= 0:
         raise SedUserError(f"--max-memory must be a positive number of GiB, got {max_memory}")
+    if class_chunk is not None and class_chunk < 1:
+        raise SedUserError(f"--class-chunk must be a positive number of classes, got {class_chunk}")
+    if class_chunk is not None and max_memory is not None:
+        raise SedUserError("--class-chunk fixes the chunk, --max-memory chooses one: pass one of them")
     if kept_spec is not None and all(k is None for k in ks):
         raise SedUserError("--kept forces the CER points, but --topk all has none; add k values, e.g. --topk 1,8,all")
     vocab_list = parse_vocabs(vocabs)
@@ -127,7 +134,7 @@ def main(
         backends=backends, vocabs=vocab_list, cells=cells, images=image_paths, model=model, checkpoint=checkpoint,
         bundle=bundle, text=text, kept_spec=kept_spec, warmup=warmup, iters=iters, device=device,
         providers=providers, precision=precision, threads=threads, ort_profile=ort_profile, low_memory=low_memory,
-        max_rss_gb=max_rss_gb, max_memory_gb=max_memory, work=work, allow_pickle=allow_pickle,
+        max_rss_gb=max_rss_gb, max_memory_gb=max_memory, class_chunk=class_chunk, work=work, allow_pickle=allow_pickle,
         calibration=CalibrationRequest(calib, calib_images, calib_seed, method=calib_method),
     )
     argv = ["sed-bench"] + ([str(bundle)] if bundle else []) + (["--model", model] if bundle is None else [])
@@ -139,7 +146,8 @@ def main(
             "--calib": calib if int8 else None, "--calib-images": calib_images if int8 else None,
             "--calib-seed": calib_seed if int8 else None, "--calib-method": calib_method if int8 else None,
             "--threads": threads,
-            "--max-rss-gb": max_rss_gb, "--max-memory": max_memory, "--out": out}
+            "--max-rss-gb": max_rss_gb, "--max-memory": max_memory, "--class-chunk": class_chunk,
+            "--out": out}
     for flag, value in opts.items():
         if value is not None:
             argv += [flag, str(value)]

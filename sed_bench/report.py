@@ -309,8 +309,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["## Peak memory", "",
               "Host: peak RSS during the cell (kernel high-water mark reset before it) and its increase over the RSS "
               "at the cell's start (ONNX Runtime's arena keeps memory between cells, so later cells start higher). "
-              "Device: `torch.cuda.max_memory_allocated` (torch on CUDA only). \"chunks of C\": the one-pass decoder "
-              "was predicted to exceed `--max-memory`, so the cell ran class-chunked, C classes per step.", ""]
+              "Device: `torch.cuda.max_memory_allocated` (torch on CUDA only). \"chunks of C\": the cell ran "
+              "class-chunked, C classes per step (`--class-chunk`, or the one-pass decoder was predicted to exceed "
+              "`--max-memory`).", ""]
     head = ["vocabulary", "k"] + [f"{b} peak RSS MB (+increase)" for b in backends] + [
         f"{b} device MB" for b in backends if results["backends"][b].get("device", "").startswith("cuda")]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

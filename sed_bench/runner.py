@@ -58,6 +58,7 @@ class BenchConfig:
     low_memory: bool = False  # ORT decoder sessions without the CPU memory arena (sed-run --low-memory)
     max_rss_gb: float | None = None
     max_memory_gb: float | None = None  # decoder budget: cells predicted above it run class-chunked
+    class_chunk: int | None = None  # every cell class-chunked with this many classes per step (capped at N)
     work: Path = Path("engines/bench")
     allow_pickle: bool = False
     calibration: Any = None  # int8 variants without a bundle: a sed_export.calibration.CalibrationRequest
@@ -250,6 +251,7 @@ def run_bench(
             "warmup": cfg.warmup, "iters": cfg.iters, "device": cfg.device, "providers": cfg.providers,
             "threads": cfg.threads, "ort_profile": cfg.ort_profile, "low_memory": cfg.low_memory,
             "max_rss_gb": cfg.max_rss_gb, "max_memory_gb": cfg.max_memory_gb,
+            "class_chunk": cfg.class_chunk,
             "peak_rss_resettable": measure.reset_peak_rss(),
         },
         "backends": {},
@@ -337,8 +339,13 @@ class _CellRunner:
 
     def _choose_chunk(self, cell: Cell) -> int | None:
         """Classes per decoder step when the one-pass decoder's working set is predicted to exceed --max-memory
-        (the decoder's own budget, beyond what the process already holds: models, arenas, the other backend)."""
-        if self.cfg.max_memory_gb is None or not hasattr(self.backend, "class_chunk"):
+        (the decoder's own budget, beyond what the process already holds: models, arenas, the other backend), or
+        --class-chunk's fixed size."""
+        if not hasattr(self.backend, "class_chunk"):
+            return None
+        if self.cfg.class_chunk is not None:
+            return min(self.cfg.class_chunk, cell.num_classes)
+        if self.cfg.max_memory_gb is None:
             return None
         from sed_runtime.memory import GiB, choose_class_chunk
 

@@ -87,9 +87,12 @@ CHUNK_WORKING_SET_BYTES = {"torch": 6.0, "ort": 5.5, "ort-low-memory": 5.5, "ope
 # OpenVINO holds more per class than the others and keeps its compiled segment programs whatever N and the
 # chunk. Refitted with the heap trimmed between segments (`trim_heap`) on sed-b, every class kept, budget 3 GiB:
 # 459 in chunks of 34 peaked at 2.36 GiB and 847 in chunks of 17 at 3.12 GiB (benchmarks/chunked_decoder.py),
-# which give 6.4 bytes per held element and 0.11 GiB fixed.
+# which give 6.4 bytes per held element and 0.11 GiB fixed. The fixed part grows with the model: on sed-shapes
+# (384 input, 1/5.5 of sed-b's layer-3 elements per class) it is about 40 MiB (chunks of 1 at N = 30 and 300
+# peaked 56 and 171 MiB, 35 and 44 above the held data and working set). So it is counted as 24 MiB plus 21
+# bytes per layer-3 element of one class, which gives both.
 CHUNKED_HELD_BYTES = {"openvino": 6.4}
-CHUNKED_FIXED_BYTES = {"openvino": 0.11 * 2**30}
+CHUNKED_FIXED_BYTES = {"openvino": (24 * 2**20, 21.0)}  # (bytes, bytes per layer-3 element of one class)
 # GPU memory (the decoder's device memory, not the process's RSS): torch on CUDA and the TensorRT plans. No GPU has
 # fitted these yet, so they are CPU torch's factors (the same fp32 tensors; TensorRT reuses activation memory
 # within a plan, so for it they should be an upper end). benchmarks/gpu_session.sh measures the device peak of a
@@ -124,10 +127,11 @@ class DecoderMemory:
         held_factor = 0.0 if backend in HELD_ON_HOST else CHUNKED_HELD_BYTES.get(backend, CHUNKED_BYTES_PER_ELEMENT)
         pre, layers = decoder_elements(sed, num_templates)
         held = tuple(h * held_factor for h in held_elements(sed, num_templates))
+        fixed_bytes, fixed_per_element = CHUNKED_FIXED_BYTES.get(backend, (0.0, 0.0))
         return cls(pre * factor, (layers[0] * factor, layers[1] * factor, layers[2] * factor), backend,
                    pre * held_factor, (held[0], held[1], held[2]),
                    (layers[0] * chunk_factor, layers[1] * chunk_factor, layers[2] * chunk_factor), pre * chunk_factor,
-                   "cuda" if backend in DEVICE_BACKENDS else "host", CHUNKED_FIXED_BYTES.get(backend, 0.0))
+                   "cuda" if backend in DEVICE_BACKENDS else "host", fixed_bytes + fixed_per_element * layers[2])
 
     def chunked_peak_bytes(self, num_classes: int, chunk: int, kept: Sequence[int] | None = None) -> float:
         """Peak of the class-chunked decoder: what it holds for every alive class plus one chunk's working set,
