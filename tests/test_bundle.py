@@ -270,3 +270,48 @@ def _bundle_vocab(bundle):
 
     voc = json.loads((bundle / "manifest.json").read_text())["vocabulary"]
     return Vocabulary(voc["name"], tuple(voc["classes"]))
+
+
+def _without_probs(bundle: Path, dst: Path) -> Path:
+    """A copy of `bundle` as built before the decoder had its kept-only `probs` output (manifest kept consistent)."""
+    import onnx
+
+    from sed_runtime.bundle import sha256_file
+
+    b = _copy(bundle, dst)
+    model = onnx.load(str(b / "decoder.onnx"))
+    kept = [o for o in model.graph.output if o.name != "probs"]
+    assert len(kept) == len(model.graph.output) - 1
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    onnx.save(model, str(b / "decoder.onnx"))
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest["files"]["decoder.onnx"] = {"sha256": sha256_file(b / "decoder.onnx"),
+                                         "bytes": (b / "decoder.onnx").stat().st_size}
+    graph = manifest["graphs"]["decoder"]
+    graph["outputs"] = [o for o in graph["outputs"] if o["name"] != "probs"]
+    (b / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return b
+
+
+@pytest.mark.parametrize("backend_name", ["ort", "openvino"])
+def test_bundles_from_before_kept_only_rows_give_the_same_result(bundle, env, monkeypatch, tmp_path, backend_name):
+    """A decoder graph without `probs` still runs: the backend hands over the N x h x w block (no rows), and the
+    pipeline's result is the same as with kept-only rows."""
+    monkeypatch.setenv("SED_CACHE_DIR", env["SED_CACHE_DIR"])
+    if backend_name == "openvino":
+        need("openvino")
+    from sed_runtime.backends import make_backend
+    from sed_runtime.pipeline import SedPipeline
+    from sed_runtime.preprocess import load_image
+
+    old = _without_probs(bundle, tmp_path / "old")
+    results = []
+    for folder in (bundle, old):
+        backend = make_backend(backend_name, bundle=folder)
+        features = backend.encode_image(backend.input_spec.preprocess(load_image(IMAGE)).tensor)
+        decoded = backend.decode(features, backend.encode_text(_bundle_vocab(folder), progress=False), 2)
+        assert (decoded.rows is None) == (folder == old)
+        results.append(SedPipeline(backend, _bundle_vocab(folder), topk=2, progress=False)(IMAGE))
+    np.testing.assert_allclose(results[0].scores, results[1].scores, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(results[0].seg, results[1].seg)
