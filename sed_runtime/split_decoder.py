@@ -19,7 +19,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .backends.base import expand_rows
 from .topk_union_rule import topk_union_reference
 
 PRE = "decoder_pre"
@@ -67,21 +66,14 @@ class SegmentExecutor(Protocol):
 
 def run_split_decoder(
     ex: SegmentExecutor, features: Mapping[str, Any], text: Any, num_classes: int, k: int
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Encoder features + text -> (scores (N, h, w) float32, 0 for rejected classes; kept indices per CER point).
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Encoder features + text -> (the last survivors' probabilities (K, h, w) float32, their sorted original
+    indices, the kept indices per CER point): kept-only rows, which `backends.base.expand_rows` turns into the
+    documented N x h x w block (0 for rejected classes).
 
     `k` >= N keeps every class (full mode). The kept lists are original class indices, as in the one-graph
     decoder's kept0..kept2 outputs.
     """
-    probs, alive, kept = run_split_decoder_rows(ex, features, text, num_classes, k)
-    return expand_rows(probs, alive, num_classes), kept
-
-
-def run_split_decoder_rows(
-    ex: SegmentExecutor, features: Mapping[str, Any], text: Any, num_classes: int, k: int
-) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """`run_split_decoder` in the kept-only form: (the last survivors' probabilities (K, h, w) float32, their
-    sorted original indices, the kept indices per CER point)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     feeds = {name: features[name] for name in PRE_INPUTS if name != "text"}

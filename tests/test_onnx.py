@@ -150,6 +150,7 @@ def test_fp16_graphs_agree_with_fp32_on_segmentation(model, decoder_fp32):
 def test_split_decoder_segments_equal_the_one_graph_decoder(model, tmp_path, precision):
     """The TensorRT fallback layout (four graphs, top-k union between them) computes what decoder.onnx does."""
     from sed_export.onnx_export import build_decoder_segments, export_decoder_parts, save_graph
+    from sed_runtime.backends.base import expand_rows
     from sed_runtime.split_decoder import (
         LAYER_INPUTS,
         SEGMENTS,
@@ -176,7 +177,8 @@ def test_split_decoder_segments_equal_the_one_graph_decoder(model, tmp_path, pre
         feats, text = planted_inputs(model, n)
         feeds = decoder_feed(feats, text, 1)
         ref_scores, *ref_kept, _ = whole.run(None, {**feeds, "k": np.array([k], np.int64)})
-        scores, kept = run_split_decoder(runner, feeds, feeds["text"], n, k)
+        probs, alive, kept = run_split_decoder(runner, feeds, feeds["text"], n, k)
+        scores = expand_rows(probs, alive, n)
         assert [x.tolist() for x in kept] == [x.tolist() for x in ref_kept]
         if precision == "fp32":
             np.testing.assert_array_equal(scores, ref_scores)

@@ -22,6 +22,7 @@ need("onnx")
 
 from planted import planted_inputs  # noqa: E402
 
+from sed_runtime.backends.base import expand_rows  # noqa: E402
 from sed_runtime.backends.trt_segments import DeviceTensor as _Dev  # noqa: E402
 from sed_runtime.backends.trt_segments import TrtSegments as _TrtSegments  # noqa: E402
 from sed_runtime.split_decoder import SEGMENTS, SPLIT_DIR, OrtSegments, run_split_decoder, segment_file  # noqa: E402
@@ -29,6 +30,12 @@ from sed_runtime.topk_union_rule import topk_union_reference  # noqa: E402
 
 ORT_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
              "tensor(int64)": np.dtype(np.int64)}
+
+
+def _split_scores(ex, feats, text, n: int, k: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The split decoder's documented N x h x w block and kept lists."""
+    probs, alive, kept = run_split_decoder(ex, feats, text, n, k)
+    return expand_rows(probs, alive, n), kept
 
 
 def _read(ptr: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -254,8 +261,8 @@ def test_trt_split_executor_equals_the_reference_executor(split_folder, with_ker
     n = text.shape[0]
     sizes = []
     for k in (1, 2, n):  # three runs with different kept counts: buffers are reused and regrown
-        want_scores, want_kept = run_split_decoder(reference, feats, text, n, k)
-        scores, kept = run_split_decoder(ex, dev_feats, device(text), n, k)
+        want_scores, want_kept = _split_scores(reference, feats, text, n, k)
+        scores, kept = _split_scores(ex, dev_feats, device(text), n, k)
         assert [x.tolist() for x in kept] == [x.tolist() for x in want_kept]
         np.testing.assert_array_equal(scores, want_scores)
         sizes.append(len(kept[0]))

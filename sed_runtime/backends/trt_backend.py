@@ -19,7 +19,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import SedUserError
 from ..memory import DecoderMemory
-from ..split_decoder import run_split_decoder_rows
+from ..split_decoder import run_split_decoder
 from ..vocab import Vocabulary
 from .base import Backend, BackendResult, ImageFeatures, InputSpec
 from .cuda_memory import ContextMemory, Cuda, DeviceBuffer, HostBuffer, make_output_allocator
@@ -325,7 +325,7 @@ class TrtBackend(Backend):
         if self._segments is not None:
             feats = self._features()
             dev_text = DeviceTensor(self._text_dev.ptr, tuple(text.shape), np.dtype(np.float32))
-            probs, alive, kept_split = run_split_decoder_rows(self._segments, feats, dev_text, n, k)
+            probs, alive, kept_split = run_split_decoder(self._segments, feats, dev_text, n, k)
             timings["decoder"] = (time.perf_counter() - t0) * 1e3
             kept_out = None if topk is None else [x.astype(np.int32) for x in kept_split]
             return BackendResult(scores=probs, rows=alive.astype(np.int32), kept=kept_out, timings_ms=timings)

@@ -55,13 +55,23 @@ class EngineRecord:
 
     @property
     def decoder_roles(self) -> tuple[str, ...]:
-        return SEGMENTS if self.cer == "split" else ("decoder",)
+        return _decoder_roles(self.cer)
 
     @property
     def chunked_roles(self) -> tuple[str, ...]:
-        from ..chunked_decoder import SEGMENTS as CHUNKED
+        return _chunked_roles(self.chunk_sizes)
 
-        return CHUNKED if self.chunk_sizes else ()
+
+def _decoder_roles(cer: str) -> tuple[str, ...]:
+    """The one-pass decoder's plans: the segment plans with CER between them, or one decoder.plan."""
+    return SEGMENTS if cer == "split" else ("decoder",)
+
+
+def _chunked_roles(chunk_sizes: Sequence[int]) -> tuple[str, ...]:
+    """The class-chunked decoder's plans, when the bundle has any."""
+    from ..chunked_decoder import SEGMENTS as CHUNKED  # lazy: chunked_decoder imports the backends package
+
+    return CHUNKED if chunk_sizes else ()
 
 
 def parse_engines(manifest: Mapping[str, Any], where: str = "bundle") -> EngineRecord:
@@ -79,9 +89,7 @@ def parse_engines(manifest: Mapping[str, Any], where: str = "bundle") -> EngineR
     try:
         cer = str(eng.get("cer", "standard-ops"))
         sizes = tuple(int(t) for t in eng.get("chunk_sizes", []))
-        from ..chunked_decoder import SEGMENTS as CHUNKED
-
-        roles = ("encoder", *(SEGMENTS if cer == "split" else ("decoder",)), *(CHUNKED if sizes else ()))
+        roles = ("encoder", *_decoder_roles(cer), *_chunked_roles(sizes))
         plans = {role: plan_record(eng["plans"][role]) for role in roles}
         plugins = tuple(plan_record(p) for p in eng.get("plugins", []))
         kernel = plan_record(eng["kernel"]) if eng.get("kernel") else None
