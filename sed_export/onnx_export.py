@@ -245,7 +245,8 @@ def build_decoder_graph(
     """One ONNX graph: (dense, text, res4, res3, res2, k) -> (scores, kept0, kept1, kept2, probs).
 
     `scores` is the documented N x h x w block (0 for rejected classes); `probs` the K2 x h x w rows of the last
-    survivors `kept2` alone, which backends fetch instead (a runtime asked only for it never builds the block).
+    survivors `kept2` alone, which backends fetch instead: the block is still computed inside the graph (ONNX
+    Runtime runs every node whatever the fetches), but it is not copied out (TensorRT: not off the device).
     """
     parts = parts or export_decoder_parts(model, precision)
     pre, layer_specs, e, p = parts.pre, parts.layers, parts.embed_dim, parts.num_templates
